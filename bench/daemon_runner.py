@@ -1,0 +1,343 @@
+"""Run ``tvm-upload run`` as a child: timed uploads, the startup scan, idle cost.
+
+The daemon keeps running after it has uploaded everything, so an upload
+run is timed from the start of the process until the bucket holds every
+object (listing it every ``POLL_SECONDS``); then the daemon gets SIGTERM.
+Its CPU time and peak RSS come from ``os.wait4`` after it exits, so they
+also cover start-up and shutdown.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+from bucket_check import BucketPool
+from dataset_builder import Dataset
+from measure import (
+    ChildResult,
+    is_running,
+    process_cpu_seconds,
+    process_io,
+    process_status_bytes,
+    spawn,
+    stop_child,
+)
+
+TVM_UPLOAD = Path(sys.executable).with_name("tvm-upload")
+VEHICLE_ID = "bench-vehicle"
+SOURCE = "bench"
+MAX_CONCURRENCY = 8
+POLL_SECONDS = 0.25
+LOG_POLL_SECONDS = 0.02
+
+# NOTE: these match the daemon's INFO lines after its startup scan and once
+# it is fully started; the scan timing depends on them.
+SCAN_DONE = re.compile(r"Startup scan found (\d+) files")
+STARTED = re.compile(r"\bStarted: ")
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+@dataclass
+class DaemonUpload:
+    """One timed daemon upload; ``delivered_seconds`` is None if it never delivered."""
+
+    child: ChildResult
+    delivered_seconds: float | None
+    server_cpu_seconds: float
+    io: dict[str, int]
+    note: str
+
+
+@dataclass
+class ScanProbe:
+    """The daemon started on a tree whose every file is in the registry.
+
+    ``scan_seconds`` runs from the process start to the log line that ends
+    the startup scan, ``scan_cpu_seconds`` is the CPU used until then.
+    ``logged_scan_seconds`` runs from the first log line to that line, by
+    the log's own timestamps, so it leaves out interpreter start-up and
+    imports; None if the timestamps cannot be read.
+    ``idle_cpu_seconds`` is the CPU used over ``idle_seconds`` once started.
+    """
+
+    ok: bool
+    note: str
+    files_found: int = 0
+    scan_seconds: float = 0.0
+    logged_scan_seconds: float | None = None
+    scan_cpu_seconds: float = 0.0
+    idle_seconds: float = 0.0
+    idle_cpu_seconds: float = 0.0
+    rss_bytes: int = 0
+    peak_rss_bytes: int = 0
+
+
+def write_config(
+    path: Path, *, root: Path, bucket: str, endpoint_url: str, state_file: Path
+) -> Path:
+    """Write a daemon config.yaml that uploads ``root`` at once and never deletes anything."""
+    config = {
+        "vehicle_id": VEHICLE_ID,
+        "timezone": "UTC",
+        "log_directories": [{"path": str(root), "source": SOURCE}],
+        "s3": {"bucket": bucket, "region": "us-east-1", "endpoint_url": endpoint_url},
+        "upload": {
+            "file_stable_seconds": 1,
+            "max_concurrency": MAX_CONCURRENCY,
+            "upload_on_start": True,
+            "scan_existing_files": {"enabled": True, "max_age_days": 0},
+        },
+        "state_file": str(state_file),
+        "monitoring": {"cloudwatch_enabled": False},
+        "deletion": {
+            "after_upload": {"enabled": False},
+            "age_based": {"enabled": False},
+            "emergency": {"enabled": False},
+        },
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def daemon_key_to_path(key: str) -> str:
+    """Map ``vehicle/date/source/relative`` back to the relative path.
+
+    The datasets hold plain ASCII names, which the key layout leaves as they are.
+    """
+    parts = key.split("/", 3)
+    return parts[3] if len(parts) == 4 else key
+
+
+def daemon_argv(config: Path) -> list[str]:
+    return [str(TVM_UPLOAD), "run", "--config", str(config), "--log-level", "INFO"]
+
+
+def run_upload(
+    dataset: Dataset,
+    bucket: str,
+    pool: BucketPool,
+    env: dict[str, str],
+    work_dir: Path,
+    timeout_seconds: float,
+    server_pid: int | None,
+) -> DaemonUpload:
+    """Run the daemon on ``dataset`` until the bucket holds every file, then stop it."""
+    config = write_config(
+        work_dir / "config.yaml",
+        root=dataset.root,
+        bucket=bucket,
+        endpoint_url=pool.endpoint_url,
+        state_file=work_dir / "state.db",
+    )
+    log_path = work_dir / "daemon.log"
+    server_cpu_start = _cpu_or_zero(server_pid)
+    child = spawn(daemon_argv(config), env, log_path)
+
+    delivered_seconds, note = _wait_for_delivery(
+        child.pid, pool, bucket, dataset.file_count, child.started, timeout_seconds
+    )
+    server_cpu = _cpu_or_zero(server_pid) - server_cpu_start
+    io = _io_or_empty(child.pid)
+    result = stop_child(child)
+    return DaemonUpload(result, delivered_seconds, server_cpu, io, note)
+
+
+def _wait_for_delivery(
+    pid: int, pool: BucketPool, bucket: str, expected: int, started: float, timeout: float
+) -> tuple[float | None, str]:
+    """Poll the bucket until it holds ``expected`` objects; return (seconds, failure note)."""
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        if not is_running(pid):
+            return None, "tvm-upload exited before it had uploaded every file"
+        if pool.count_objects(bucket) >= expected:
+            return time.monotonic() - started, ""
+        time.sleep(POLL_SECONDS)
+
+    found = pool.count_objects(bucket)
+    return None, f"timed out after {timeout:.0f} s with {found}/{expected} objects uploaded"
+
+
+def run_scan_probe(
+    dataset: Dataset,
+    bucket: str,
+    endpoint_url: str,
+    state_file: Path,
+    env: dict[str, str],
+    work_dir: Path,
+    idle_seconds: float,
+    timeout_seconds: float,
+) -> ScanProbe:
+    """Start the daemon on ``dataset`` with every file registered; time its scan and idling."""
+    config = write_config(
+        work_dir / "config.yaml",
+        root=dataset.root,
+        bucket=bucket,
+        endpoint_url=endpoint_url,
+        state_file=state_file,
+    )
+    child = spawn(daemon_argv(config), env, work_dir / "daemon.log")
+    try:
+        probe = _observe_scan_and_idle(
+            child.pid, child.log_path, child.started, idle_seconds, timeout_seconds
+        )
+    finally:
+        result = stop_child(child)
+
+    probe.peak_rss_bytes = max(probe.peak_rss_bytes, result.max_rss_bytes)
+    if probe.ok and result.exit_code != 0:
+        probe.note = f"tvm-upload exited with {result.exit_code} after SIGTERM"
+    return probe
+
+
+def _observe_scan_and_idle(
+    pid: int, log_path: Path, started: float, idle_seconds: float, timeout_seconds: float
+) -> ScanProbe:
+    reader = LogFollower(log_path)
+    deadline = started + timeout_seconds
+
+    scan_match = reader.wait_for(SCAN_DONE, pid, deadline)
+    if scan_match is None:
+        return ScanProbe(False, "no startup scan line: " + reader.tail())
+    scan_seconds = time.monotonic() - started
+    scan_cpu = process_cpu_seconds(pid)
+
+    if reader.wait_for(STARTED, pid, deadline) is None:
+        return ScanProbe(False, "no start-up line after the scan: " + reader.tail())
+
+    idle_start_cpu = process_cpu_seconds(pid)
+    time.sleep(idle_seconds)
+    idle_cpu = process_cpu_seconds(pid) - idle_start_cpu
+    return ScanProbe(
+        ok=True,
+        note="",
+        files_found=int(scan_match.group(1)),
+        scan_seconds=scan_seconds,
+        logged_scan_seconds=_seconds_between(reader.lines[0], scan_match.string),
+        scan_cpu_seconds=scan_cpu,
+        idle_seconds=idle_seconds,
+        idle_cpu_seconds=idle_cpu,
+        rss_bytes=process_status_bytes(pid, "VmRSS"),
+        peak_rss_bytes=process_status_bytes(pid, "VmHWM"),
+    )
+
+
+class LogFollower:
+    """Reads a growing log file and finds lines matching a pattern."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.pending = ""
+        self.lines: list[str] = []
+
+    def _read_new_lines(self) -> list[str]:
+        try:
+            with self.path.open("r", errors="replace") as handle:
+                handle.seek(self.offset)
+                chunk = handle.read()
+                self.offset = handle.tell()
+        except FileNotFoundError:
+            return []
+        text = self.pending + chunk
+        complete, _, self.pending = text.rpartition("\n")
+        new_lines = complete.splitlines() if complete else []
+        self.lines.extend(new_lines)
+        return new_lines
+
+    def wait_for(self, pattern: re.Pattern[str], pid: int, deadline: float) -> re.Match[str] | None:
+        """Return the first new line matching ``pattern``; None on timeout or process exit."""
+        while time.monotonic() < deadline:
+            for line in self._read_new_lines():
+                match = pattern.search(line)
+                if match:
+                    return match
+            if not is_running(pid):
+                return None
+            time.sleep(LOG_POLL_SECONDS)
+        return None
+
+    def tail(self, count: int = 5) -> str:
+        self._read_new_lines()
+        return " | ".join(self.lines[-count:]) or "(empty log)"
+
+
+def register_tree(dataset: Dataset, state_file: Path, object_key_prefix: str) -> None:
+    """Fill a new state store with every file of ``dataset`` as uploaded, in one transaction.
+
+    The store is created by ``StateStore`` itself (schema and version); the
+    rows are inserted with plain SQL because one call per file, each synced
+    to disk, would take minutes for 100,000 files.
+    """
+    from tvm_upload.files import FileIdentity
+    from tvm_upload.state import StateStore
+
+    state_file.unlink(missing_ok=True)
+    StateStore(state_file).close()
+
+    now = time.time()
+    rows = []
+    for relative, _ in dataset.files:
+        path = dataset.root / relative
+        identity = FileIdentity.of(path)
+        rows.append(
+            (
+                str(path),
+                SOURCE,
+                identity.device,
+                identity.inode,
+                identity.size,
+                identity.mtime_ns,
+                f"{object_key_prefix}/{relative}",
+                "uploaded",
+                "0" * 64,
+                now,
+                now,
+                now,
+            )
+        )
+
+    with sqlite3.connect(state_file) as conn:
+        conn.executemany(
+            "INSERT INTO files (path, source, device, inode, size, mtime_ns, object_key, state,"
+            " sha256, queued_at, uploaded_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " ?, ?)",
+            rows,
+        )
+
+
+def _seconds_between(first_line: str, last_line: str) -> float | None:
+    """Return the time between two log lines by their ``asctime`` stamps (millisecond precision)."""
+    first_stamp = LOG_TIME.match(first_line)
+    last_stamp = LOG_TIME.match(last_line)
+    if first_stamp is None or last_stamp is None:
+        return None
+
+    stamp_format = "%Y-%m-%d %H:%M:%S,%f"
+    first = datetime.strptime(first_stamp.group(1), stamp_format)
+    last = datetime.strptime(last_stamp.group(1), stamp_format)
+    return (last - first).total_seconds()
+
+
+def _cpu_or_zero(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        return process_cpu_seconds(pid)
+    except FileNotFoundError:
+        return 0.0
+
+
+def _io_or_empty(pid: int) -> dict[str, int]:
+    try:
+        return process_io(pid)
+    except (FileNotFoundError, PermissionError):
+        return {}

@@ -1,0 +1,119 @@
+"""The ``tvm-upload`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tvm_upload import __version__
+from tvm_upload.config import Config, load_config
+from tvm_upload.errors import ExitCode, TvmUploadError
+from tvm_upload.logsetup import configure_logging
+
+logger = logging.getLogger("tvm_upload")
+
+DEFAULT_CONFIG = "/etc/tvm-upload/config.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tvm-upload",
+        description="Watch vehicle log directories and upload finished files to S3.",
+    )
+    parser.add_argument("--version", action="version", version=f"tvm-upload {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the daemon in the foreground (what systemd runs)")
+    _add_config(run)
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--log-format", default="text", choices=["text", "json"])
+
+    check = commands.add_parser(
+        "check-config", help="validate the configuration and print it with defaults"
+    )
+    _add_config(check)
+
+    status = commands.add_parser("status", help="show the queue and registry from the state store")
+    _add_config(status)
+    status.add_argument("--json", action="store_true", help="print one JSON document")
+    return parser
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(DEFAULT_CONFIG),
+        help=f"configuration file (default {DEFAULT_CONFIG})",
+    )
+
+
+def _legacy_arguments(argv: list[str]) -> list[str]:
+    """Translate the older uploader's ``--config FILE --test-config`` into ``check-config``."""
+    if "--test-config" not in argv:
+        return argv
+    rest = [arg for arg in argv if arg != "--test-config"]
+    return ["check-config", *rest]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command and return its exit code."""
+    args_list = _legacy_arguments(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return ExitCode.USAGE
+
+    handler = {"run": _run, "check-config": _check_config, "status": _status}[args.command]
+    try:
+        return handler(args)
+    except TvmUploadError as error:
+        print(f"tvm-upload: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return ExitCode.OK
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(config.effective_yaml(), end="")
+    print(f"# {args.config}: configuration is valid", file=sys.stderr)
+    return ExitCode.OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level, args.log_format)
+    try:
+        config = load_config(args.config)
+    except TvmUploadError as error:
+        logger.error("%s", error)
+        return error.exit_code
+
+    from tvm_upload.daemon import Daemon
+
+    daemon = Daemon(config)
+    daemon.install_signal_handlers()
+    logger.info("Starting tvm-upload %s with %s", __version__, args.config)
+    daemon.run()
+    return ExitCode.OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from tvm_upload.status import collect_status, render_status
+
+    config: Config = load_config(args.config)
+    report = collect_status(config)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print(render_status(report))
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

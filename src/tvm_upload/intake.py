@@ -1,0 +1,169 @@
+"""Detection side of the daemon: watcher events and scans become queue rows.
+
+Watcher threads only append to ``events``; everything else here runs on
+the main loop, so the stability tracker and the state store are touched by
+one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+
+from tvm_upload.clock import Clock
+from tvm_upload.config import Config, LogDirectory
+from tvm_upload.files import FileIdentity
+from tvm_upload.keys import build_key
+from tvm_upload.stability import ReadyFile, StabilityTracker
+from tvm_upload.state import EnqueueResult, StateStore
+from tvm_upload.watcher import scan
+
+logger = logging.getLogger(__name__)
+
+SECONDS_PER_DAY = 86400.0
+
+
+@dataclass
+class IntakeCounts:
+    """Files handled by one intake step."""
+
+    observed: int = 0
+    queued: int = 0
+
+
+class Intake:
+    """Feeds detected files through the stability check into the queue."""
+
+    def __init__(self, config: Config, store: StateStore, clock: Clock) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.events: queue.SimpleQueue[tuple[Path, LogDirectory]] = queue.SimpleQueue()
+        self.stability = StabilityTracker(
+            config.upload.file_stable_seconds, clock=clock.monotonic, wall_clock=clock.time
+        )
+
+    def on_event(self, path: Path, directory: LogDirectory) -> None:
+        """Take a watcher event; called from watchdog threads, so it only enqueues."""
+        self.events.put((path, directory))
+
+    def apply_config(self, config: Config) -> None:
+        """Use a reloaded configuration for files detected from now on."""
+        self.config = config
+        self.stability.stable_seconds = config.upload.file_stable_seconds
+
+    def scan(self, min_mtime: float | None) -> int:
+        """Observe every log file under the roots that is not uploaded with its current identity.
+
+        Returns the number of files handed to the stability tracker.
+        """
+        observed = 0
+        for found in scan(self.config.log_directories, min_mtime=min_mtime):
+            identity = FileIdentity.from_stat(found.stat)
+            if self.store.is_known(found.path, identity):
+                continue
+            self.stability.observe(found.path, found.directory)
+            observed += 1
+        return observed
+
+    def step(self) -> IntakeCounts:
+        """Take pending events, then queue every file that became ready."""
+        counts = IntakeCounts()
+        while True:
+            try:
+                path, directory = self.events.get_nowait()
+            except queue.Empty:
+                break
+            self.stability.observe(path, directory)
+            counts.observed += 1
+
+        for ready in self.stability.poll():
+            if self._enqueue(ready):
+                counts.queued += 1
+        return counts
+
+    def _enqueue(self, ready: ReadyFile) -> bool:
+        key = self.store.object_key_for(ready.path) or self._build_key(ready)
+        result = self.store.enqueue(
+            ready.path, ready.directory.source, ready.identity, key, now=self.clock.time()
+        )
+        if result in (EnqueueResult.QUEUED, EnqueueResult.REQUEUED_CHANGED):
+            logger.info(
+                "Queued %s (%d bytes) as %s%s",
+                ready.path,
+                ready.identity.size,
+                key,
+                "; content changed since its upload"
+                if result is EnqueueResult.REQUEUED_CHANGED
+                else "",
+            )
+            return True
+        return False
+
+    def _build_key(self, ready: ReadyFile) -> str:
+        relative = PurePosixPath(ready.path.relative_to(ready.directory.path).as_posix())
+        now = datetime.fromtimestamp(self.clock.time(), timezone.utc)
+        object_key = build_key(
+            self.config.vehicle_id,
+            ready.directory.source,
+            relative,
+            ready.identity.mtime_ns,
+            self.config.zone(),
+            now,
+        )
+        if object_key.date_reason:
+            logger.warning(
+                "Dated object key %s by detection time: %s", object_key.key, object_key.date_reason
+            )
+        return object_key.key
+
+
+def import_legacy_state(config: Config, store: StateStore, clock: Clock) -> int:
+    """Import the older uploader's JSON queue and registry once, if they exist.
+
+    A legacy path is imported only when it lies in a configured log
+    directory and matches its rules; its object key is built as for a newly
+    detected file. Returns the number of rows created.
+    """
+    queue_file = config.upload.queue_file
+    registry_file = config.upload.processed_files_registry.registry_file
+    if not queue_file.exists() and not registry_file.exists():
+        return 0
+
+    def resolve(path: Path) -> tuple[str, str] | None:
+        directory = directory_of(config, path)
+        if directory is None:
+            return None
+        try:
+            mtime_ns = path.lstat().st_mtime_ns
+        except OSError:
+            mtime_ns = int(clock.time() * 1e9)
+        relative = PurePosixPath(path.relative_to(directory.path).as_posix())
+        now = datetime.fromtimestamp(clock.time(), timezone.utc)
+        key = build_key(config.vehicle_id, directory.source, relative, mtime_ns, config.zone(), now)
+        return directory.source, key.key
+
+    after_upload = config.deletion.after_upload
+    keep_seconds = after_upload.keep_days * SECONDS_PER_DAY if after_upload.enabled else None
+    imported = store.import_legacy(
+        queue_file, registry_file, resolve, delete_after_seconds=keep_seconds
+    )
+    logger.info(
+        "Imported %d files from the older uploader's %s and %s", imported, queue_file, registry_file
+    )
+    return imported
+
+
+def directory_of(config: Config, path: Path) -> LogDirectory | None:
+    """Return the configured log directory whose rules accept ``path``, or None."""
+    for directory in config.log_directories:
+        try:
+            relative = path.relative_to(directory.path)
+        except ValueError:
+            continue
+        if directory.accepts(PurePosixPath(relative.as_posix())):
+            return directory
+    return None

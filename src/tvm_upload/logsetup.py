@@ -1,0 +1,77 @@
+"""Log handler setup for the command line: text or JSON lines on stderr.
+
+Only the CLI calls ``configure_logging``; library modules just create their
+loggers. Every record passes a redaction filter so that an access key or
+secret that reaches a message (for example inside a botocore error text)
+is masked before it is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+_SECRET_PATTERNS = [
+    re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b"),
+    re.compile(
+        r"(?i)(aws_secret_access_key|secret_access_key|aws_session_token|session_token)"
+        r"(\s*[=:]\s*)(\S+)"
+    ),
+    re.compile(r"(?i)(X-Amz-Security-Token|X-Amz-Credential|Signature)=([^&\s]+)"),
+]
+
+
+def redact(text: str) -> str:
+    """Mask AWS access key ids, secrets, session tokens and signatures in ``text``."""
+    text = _SECRET_PATTERNS[0].sub(lambda m: m.group(1) + "****************", text)
+    text = _SECRET_PATTERNS[1].sub(lambda m: m.group(1) + m.group(2) + "****", text)
+    return _SECRET_PATTERNS[2].sub(lambda m: m.group(1) + "=****", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Replace each record's message with its redacted, fully formatted text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg = cleaned
+            record.args = None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for fleet log shipping."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            document["exception"] = redact(self.formatException(record.exc_info))
+        return json.dumps(document, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
+    """Send log records at ``level`` and above to stderr in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "watchdog"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

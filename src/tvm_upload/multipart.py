@@ -1,0 +1,411 @@
+"""Multipart upload of one log file with the low-level S3 API, resumable part by part.
+
+The upload id and each completed part can be recorded in a ``PartsJournal`` (the
+state store provides one) as they happen. When the journal returns an open upload,
+the parts are reconciled with ListParts and the upload continues with the first
+part that is missing or does not match the file. A part already on the store is
+kept only when it is proven to hold the same bytes: its ETag and checksum match the
+journal's record and the file's digest, or its ETag equals the MD5 of the file's
+part.
+
+Parts are sent one after another. Each part is read into memory once, its checksum
+is computed from those bytes and sent with them, so memory per upload is one part.
+The file's content was read once before (``read_digests``) for the SHA-256 in the
+object metadata; a part whose digest differs between the two reads means the file
+changed, and the upload is aborted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from tvm_upload.checksums import ChecksumKind, encode
+from tvm_upload.errors import FileChangedError, FileVanishedError, UploadError
+from tvm_upload.logfile import ContentDigests, LogFile, UploadStoppedError, part_spans
+from tvm_upload.s3client import S3Client, classify_error
+
+logger = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+MAX_PARTS = 10_000
+MIN_PART_SIZE_BYTES = 5 * MiB
+MAX_PART_SIZE_BYTES = 5 * GiB
+_LIST_PARTS_PAGE = 1000
+_MD5_HEX = re.compile(r"[0-9a-f]{32}")
+
+
+def part_size_for(size: int, min_part_size: int) -> int:
+    """Return the part size for a file of ``size`` bytes: whole MiB, at most 10,000 parts.
+
+    The result is at least ``min_part_size``. A 100 GiB file gets 11 MiB parts
+    (9,310 parts). Raises UploadError (not retryable) when even 5 GiB parts would
+    exceed 10,000 parts.
+    """
+    needed = -(-size // MAX_PARTS)
+    part_size = max(min_part_size, needed)
+    part_size = -(-part_size // MiB) * MiB
+    if part_size > MAX_PART_SIZE_BYTES:
+        raise UploadError(
+            f"file of {size} bytes is too large for S3: it would need parts over 5 GiB",
+            retryable=False,
+        )
+    return part_size
+
+
+class UploadedPart(NamedTuple):
+    """One part that the store confirmed; ``checksum`` is base64 as S3 reports it."""
+
+    part_number: int
+    etag: str
+    checksum: str | None
+    size: int
+
+
+class OpenUpload(NamedTuple):
+    """A multipart upload that was started and not yet completed or aborted."""
+
+    upload_id: str
+    part_size: int
+    parts: Sequence[UploadedPart]
+
+
+class PartsJournal(Protocol):
+    """Durable record of one file's multipart upload, written as the upload goes.
+
+    ``existing`` returns what ``start`` and ``part_done`` recorded, as an
+    ``OpenUpload`` or a plain ``(upload_id, part_size, parts)`` tuple, or None.
+    ``finished`` is called once the upload id is closed, whether it was completed
+    or aborted, and forgets it. Calls come from the upload thread of the file.
+    """
+
+    def existing(self) -> tuple[str, int, Sequence[Sequence[Any]]] | None: ...
+
+    def start(self, upload_id: str, part_size: int) -> None: ...
+
+    def part_done(self, part_number: int, etag: str, checksum: str | None, size: int) -> None: ...
+
+    def finished(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ObjectTarget:
+    """Where an object goes: the shared client, the bucket and the object key."""
+
+    client: S3Client
+    bucket: str
+    key: str
+
+
+def abort_upload(target: ObjectTarget, upload_id: str) -> bool:
+    """Abort a multipart upload; True when it is gone, False when the abort failed.
+
+    A failed abort is logged, because the open upload keeps its parts billed until
+    ``Uploader.abort_stale_uploads`` removes it.
+    """
+    try:
+        target.client.abort_multipart_upload(
+            Bucket=target.bucket, Key=target.key, UploadId=upload_id
+        )
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+            return True
+        logger.warning("Could not abort upload %s of %s: %s", upload_id, target.key, exc)
+        return False
+    except BotoCoreError as exc:
+        logger.warning("Could not abort upload %s of %s: %s", upload_id, target.key, exc)
+        return False
+
+    logger.info("Aborted multipart upload %s of %s", upload_id, target.key)
+    return True
+
+
+def list_parts(target: ObjectTarget, upload_id: str) -> dict[int, Mapping[str, Any]]:
+    """Return the parts the store holds for an upload, by part number."""
+    parts: dict[int, Mapping[str, Any]] = {}
+    marker = 0
+    while True:
+        page = target.client.list_parts(
+            Bucket=target.bucket,
+            Key=target.key,
+            UploadId=upload_id,
+            MaxParts=_LIST_PARTS_PAGE,
+            PartNumberMarker=marker,
+        )
+        for part in page.get("Parts", []):
+            parts[part["PartNumber"]] = part
+        if not page.get("IsTruncated"):
+            return parts
+        marker = int(page["NextPartNumberMarker"])
+
+
+def _as_open_upload(value: Sequence[Any]) -> OpenUpload:
+    upload_id, part_size, parts = value
+    return OpenUpload(str(upload_id), int(part_size), [UploadedPart(*part) for part in parts])
+
+
+class MultipartTransfer:
+    """One multipart upload of one log file, from resume to completion.
+
+    Use in this order: ``resume()``, ``md5_parts()`` for ``read_digests``, then
+    either ``discard()`` (the object is already in the bucket) or ``send()``.
+    """
+
+    def __init__(
+        self,
+        target: ObjectTarget,
+        log_file: LogFile,
+        kind: ChecksumKind,
+        *,
+        min_part_size: int,
+        journal: PartsJournal | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.target = target
+        self.log_file = log_file
+        self.kind = kind
+        self.journal = journal
+        self.should_stop = should_stop
+        self.progress = progress
+        self.part_size = part_size_for(log_file.size, min_part_size)
+        self.upload_id: str | None = None
+        self._server_parts: dict[int, Mapping[str, Any]] = {}
+        self._journal_parts: dict[int, UploadedPart] = {}
+
+    def resume(self) -> None:
+        """Adopt the journal's open upload if the store still has it and it fits the file."""
+        existing = self.journal.existing() if self.journal is not None else None
+        if existing is None:
+            return
+
+        upload = _as_open_upload(existing)
+        if not self._fits(upload.part_size):
+            logger.info(
+                "Restarting upload of %s: part size %d bytes of upload %s does not fit",
+                self.target.key,
+                upload.part_size,
+                upload.upload_id,
+            )
+            self._close_upload(upload.upload_id)
+            return
+
+        try:
+            self._server_parts = list_parts(self.target, upload.upload_id)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise
+            logger.info(
+                "Restarting upload of %s: upload %s is gone", self.target.key, upload.upload_id
+            )
+            self._finish_journal()
+            return
+
+        self.upload_id = upload.upload_id
+        self.part_size = upload.part_size
+        self._journal_parts = {part.part_number: part for part in upload.parts}
+        logger.info(
+            "Resuming upload %s of %s: the store holds %d parts",
+            self.upload_id,
+            self.target.key,
+            len(self._server_parts),
+        )
+
+    def _fits(self, part_size: int) -> bool:
+        size = self.log_file.size
+        return MIN_PART_SIZE_BYTES <= part_size <= MAX_PART_SIZE_BYTES and (
+            -(-size // part_size) <= MAX_PARTS
+        )
+
+    def md5_parts(self) -> set[int]:
+        """Return the parts on the store that only their ETag (an MD5) can vouch for."""
+        needed = set()
+        for number, part in self._server_parts.items():
+            recorded = self._journal_parts.get(number)
+            if recorded is None or recorded.etag != part["ETag"]:
+                needed.add(number)
+        return needed
+
+    def discard(self) -> None:
+        """Abort the open upload, if any, because the object needs no upload."""
+        if self.upload_id is not None:
+            self._close_upload(self.upload_id)
+            self.upload_id = None
+
+    def send(self, object_arguments: Mapping[str, Any], digests: ContentDigests) -> None:
+        """Send the missing parts and complete the upload.
+
+        An open upload holding a part that differs from the file was started for
+        older content, so its metadata is stale: it is aborted and a new one started.
+        On failure the upload is aborted unless a journal can resume it and the error
+        is retryable; a changed or vanished file always aborts it.
+        """
+        kept = self._verified_parts(digests)
+        if self.upload_id is None:
+            self._create(object_arguments)
+
+        try:
+            parts = self._send_parts(digests, kept)
+            self.log_file.check_unchanged()
+            self._complete(parts)
+        except Exception as exc:
+            self._after_failure(exc)
+            raise
+
+    def _create(self, object_arguments: Mapping[str, Any]) -> None:
+        arguments = dict(object_arguments)
+        if self.kind.algorithm is not None:
+            arguments["ChecksumAlgorithm"] = self.kind.algorithm
+
+        response = self.target.client.create_multipart_upload(
+            Bucket=self.target.bucket, Key=self.target.key, **arguments
+        )
+        self.upload_id = response["UploadId"]
+        if self.journal is not None:
+            self.journal.start(response["UploadId"], self.part_size)
+        logger.debug("Started upload %s of %s", self.upload_id, self.target.key)
+
+    def _send_parts(
+        self, digests: ContentDigests, kept: Mapping[int, UploadedPart]
+    ) -> list[UploadedPart]:
+        parts: list[UploadedPart] = []
+        sent_bytes = 0
+        for number, (offset, length) in enumerate(self._spans(), start=1):
+            part = kept.get(number)
+            if part is None:
+                part = self._send_part(number, offset, length, digests.part_digests[number - 1])
+            parts.append(part)
+
+            sent_bytes += length
+            if self.progress is not None:
+                self.progress(sent_bytes)
+        return parts
+
+    def _spans(self) -> list[tuple[int, int]]:
+        return part_spans(self.log_file.size, self.part_size)
+
+    def _verified_parts(self, digests: ContentDigests) -> dict[int, UploadedPart]:
+        """Return the parts on the store that hold the file's bytes.
+
+        Restarts the upload when a part is proven to differ from the file.
+        """
+        kept = {}
+        for number, (_, length) in enumerate(self._spans(), start=1):
+            server = self._server_parts.get(number)
+            if server is None:
+                continue
+
+            checksum = encode(digests.part_digests[number - 1])
+            same = self._same_bytes(number, server, length, checksum, digests)
+            if same is False:
+                logger.info(
+                    "Restarting upload of %s: part %d of upload %s differs from the file",
+                    self.target.key,
+                    number,
+                    self.upload_id,
+                )
+                self.discard()
+                return {}
+            if same:
+                kept[number] = UploadedPart(number, server["ETag"], checksum, length)
+
+        if self._server_parts:
+            logger.info(
+                "Upload %s of %s: kept %d of %d parts already on the store",
+                self.upload_id,
+                self.target.key,
+                len(kept),
+                len(self._server_parts),
+            )
+        return kept
+
+    def _same_bytes(
+        self,
+        number: int,
+        server: Mapping[str, Any],
+        length: int,
+        checksum: str,
+        digests: ContentDigests,
+    ) -> bool | None:
+        """Tell whether a stored part holds the file's part; None when nothing can tell."""
+        if server["Size"] != length:
+            return False
+
+        recorded = self._journal_parts.get(number)
+        if recorded is not None and recorded.etag == server["ETag"] and recorded.checksum:
+            return recorded.checksum == checksum
+
+        etag = str(server["ETag"]).strip('"')
+        if _MD5_HEX.fullmatch(etag) and number in digests.part_md5:
+            return etag == digests.part_md5[number]
+        return None
+
+    def _send_part(self, number: int, offset: int, length: int, expected: bytes) -> UploadedPart:
+        if self.should_stop is not None and self.should_stop():
+            raise UploadStoppedError(f"upload of {self.log_file.path} stopped before part {number}")
+
+        data = self.log_file.read(offset, length)
+        digest = self.kind.new()
+        digest.update(data)
+        if digest.digest() != expected:
+            raise FileChangedError(
+                f"log file {self.log_file.path} changed during upload: part {number} differs "
+                "from the first read"
+            )
+
+        response = self.target.client.upload_part(
+            Bucket=self.target.bucket,
+            Key=self.target.key,
+            UploadId=self.upload_id,
+            PartNumber=number,
+            Body=data,
+            **self.kind.request_arguments(expected),
+        )
+        checksum = encode(expected)
+        if self.journal is not None:
+            self.journal.part_done(number, response["ETag"], checksum, length)
+        self.log_file.check_unchanged()
+        return UploadedPart(number, response["ETag"], checksum, length)
+
+    def _complete(self, parts: list[UploadedPart]) -> None:
+        listed = []
+        for part in parts:
+            entry: dict[str, Any] = {"PartNumber": part.part_number, "ETag": part.etag}
+            if self.kind.field is not None:
+                entry[self.kind.field] = part.checksum
+            listed.append(entry)
+
+        self.target.client.complete_multipart_upload(
+            Bucket=self.target.bucket,
+            Key=self.target.key,
+            UploadId=self.upload_id,
+            MultipartUpload={"Parts": listed},
+        )
+        logger.debug("Completed upload %s of %s", self.upload_id, self.target.key)
+        self._finish_journal()
+
+    def _after_failure(self, exc: Exception) -> None:
+        if self.upload_id is None:
+            return
+
+        error = classify_error(exc)
+        changed = isinstance(error, (FileChangedError, FileVanishedError))
+        resumable = self.journal is not None and error.retryable and not changed
+        if resumable:
+            logger.debug("Keeping upload %s of %s to resume it", self.upload_id, self.target.key)
+            return
+        self._close_upload(self.upload_id)
+
+    def _close_upload(self, upload_id: str) -> None:
+        abort_upload(self.target, upload_id)
+        self._finish_journal()
+
+    def _finish_journal(self) -> None:
+        if self.journal is not None:
+            self.journal.finished()
