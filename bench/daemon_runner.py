@@ -231,33 +231,40 @@ def _observe_scan_and_idle(
 
 
 class LogFollower:
-    """Reads a growing log file and finds lines matching a pattern."""
+    """Reads a growing log file and finds lines matching a pattern, each line once."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offset = 0
-        self.pending = ""
+        self.partial_line = ""
         self.lines: list[str] = []
+        self.checked = 0
 
-    def _read_new_lines(self) -> list[str]:
+    def read_new_lines(self) -> None:
+        """Append the complete lines written since the last read to ``lines``."""
         try:
             with self.path.open("r", errors="replace") as handle:
                 handle.seek(self.offset)
                 chunk = handle.read()
                 self.offset = handle.tell()
         except FileNotFoundError:
-            return []
-        text = self.pending + chunk
-        complete, _, self.pending = text.rpartition("\n")
-        new_lines = complete.splitlines() if complete else []
-        self.lines.extend(new_lines)
-        return new_lines
+            return
+
+        text = self.partial_line + chunk
+        complete, _, self.partial_line = text.rpartition("\n")
+        if complete:
+            self.lines.extend(complete.splitlines())
 
     def wait_for(self, pattern: re.Pattern[str], pid: int, deadline: float) -> re.Match[str] | None:
-        """Return the first new line matching ``pattern``; None on timeout or process exit."""
+        """Return the first line after the last match that matches ``pattern``.
+
+        Returns None at ``deadline`` or when the process ``pid`` has exited.
+        """
         while time.monotonic() < deadline:
-            for line in self._read_new_lines():
-                match = pattern.search(line)
+            self.read_new_lines()
+            while self.checked < len(self.lines):
+                match = pattern.search(self.lines[self.checked])
+                self.checked += 1
                 if match:
                     return match
             if not is_running(pid):
@@ -266,7 +273,7 @@ class LogFollower:
         return None
 
     def tail(self, count: int = 5) -> str:
-        self._read_new_lines()
+        self.read_new_lines()
         return " | ".join(self.lines[-count:]) or "(empty log)"
 
 

@@ -302,7 +302,7 @@ class Bench:
             self.env,
             work_dir,
             self.options.idle_seconds,
-            timeout_seconds=600.0,
+            timeout_seconds=60.0 + dataset.file_count / 200,
         )
         self.pool.delete(bucket)
 

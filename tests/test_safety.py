@@ -1,13 +1,15 @@
 """SafeDeleter: every safety rule on real files under tmp_path.
 
 Paths under the real protected directories are only ever rejected by name,
-before any filesystem call; no test deletes anything outside tmp_path.
+before any file is opened, and no test deletes anything outside tmp_path.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -381,3 +383,40 @@ def test_policy_names_round_trip() -> None:
     assert DeletionRule.from_policy("after-upload") is DeletionRule.AFTER_UPLOAD
     with pytest.raises(ValueError, match="after-upload, age, emergency"):
         DeletionRule.from_policy("everything")
+
+
+@pytest.fixture
+def read_only_root(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs holding logs/a.log, remounted read-only; skips unless mounts work (root)."""
+    mount_point = tmp_path / "fs"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        write(mount_point / "logs" / "a.log")
+        subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+        yield mount_point / "logs"
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_read_only_filesystem_fails_with_advice(
+    read_only_root: Path, counters: Counters, caplog: pytest.LogCaptureFixture
+) -> None:
+    deleter = SafeDeleter([directory(read_only_root)], counters)
+    path = read_only_root / "a.log"
+
+    with caplog.at_level(logging.DEBUG, logger="tvm_upload.safety"):
+        first = deleter.delete(path, RULE, reason="test")
+        deleter.delete(path, RULE, reason="test")
+
+    assert first.status is DeletionStatus.FAILED
+    assert "ReadWritePaths" in first.detail
+    assert path.exists()
+    assert counters.values == {}
+    assert [record.levelno for record in caplog.records] == [logging.ERROR, logging.DEBUG]

@@ -98,16 +98,17 @@ def test_log_follower_finds_line_written_later(tmp_path: Path) -> None:
     log = tmp_path / "daemon.log"
     log.write_text("starting\nStartup scan fo")
     follower = LogFollower(log)
-    follower._read_new_lines()
+    follower.read_new_lines()
     with log.open("a") as handle:
-        handle.write("und 12 files not yet uploaded\n")
+        handle.write("und 12 files not yet uploaded\nStarted: vehicle v\n")
+    deadline = time.monotonic() + 2
 
-    match = follower.wait_for(
-        re.compile(r"Startup scan found (\d+)"), os.getpid(), time.monotonic() + 2
-    )
+    scan = follower.wait_for(re.compile(r"Startup scan found (\d+)"), os.getpid(), deadline)
+    started = follower.wait_for(re.compile(r"Started: "), os.getpid(), deadline)
 
-    assert match is not None
-    assert match.group(1) == "12"
+    assert scan is not None
+    assert scan.group(1) == "12"
+    assert started is not None
 
 
 def test_plan_files_is_deterministic() -> None:

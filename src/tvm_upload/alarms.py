@@ -53,7 +53,7 @@ def standard_alarms(config: Config) -> list[AlarmSpec]:
     """Return the standard alarms for this configuration.
 
     Alarms on per-period values use the publish interval as their period,
-    so each period holds one datum. The low-upload alarm is left out when
+    so each period contains one datum. The low-upload alarm is left out when
     ``monitoring.low_upload_threshold_mb`` is 0.
     """
     monitoring = config.monitoring

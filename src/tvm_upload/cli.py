@@ -40,6 +40,34 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the queue and registry from the state store")
     _add_config(status)
     status.add_argument("--json", action="store_true", help="print one JSON document")
+
+    upload_now = commands.add_parser(
+        "upload-now",
+        help="ask the running daemon to upload the whole queue now, whatever the schedule",
+    )
+    _add_config(upload_now)
+    upload_now.add_argument(
+        "--wait",
+        action="store_true",
+        help="show progress until the queue is drained; exit 1 if files failed",
+    )
+    upload_now.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="with --wait: give up after this many seconds (exit 1)",
+    )
+
+    cleanup = commands.add_parser(
+        "cleanup", help="run the local deletion rules once now, or list what they would delete"
+    )
+    _add_config(cleanup)
+    cleanup.add_argument("--dry-run", action="store_true", help="list deletions without deleting")
+    cleanup.add_argument(
+        "--policy",
+        choices=["after-upload", "age", "emergency"],
+        help="run only this rule (default: every enabled rule)",
+    )
     return parser
 
 
@@ -69,7 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return ExitCode.USAGE
 
-    handler = {"run": _run, "check-config": _check_config, "status": _status}[args.command]
+    handler = {
+        "run": _run,
+        "check-config": _check_config,
+        "status": _status,
+        "upload-now": _upload_now,
+        "cleanup": _cleanup,
+    }[args.command]
     try:
         return handler(args)
     except TvmUploadError as error:
@@ -96,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from tvm_upload.daemon import Daemon
 
-    daemon = Daemon(config)
+    daemon = Daemon(config, config_path=args.config)
     daemon.install_signal_handlers()
     logger.info("Starting tvm-upload %s with %s", __version__, args.config)
     daemon.run()
@@ -113,6 +147,23 @@ def _status(args: argparse.Namespace) -> int:
     else:
         print(render_status(report))
     return ExitCode.OK
+
+
+def _upload_now(args: argparse.Namespace) -> int:
+    from tvm_upload.uploadnow import request_upload_now
+
+    config = load_config(args.config)
+    return request_upload_now(config, wait=args.wait, timeout_seconds=args.timeout)
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    from tvm_upload.retention import cleanup_command
+    from tvm_upload.state import StateStore
+
+    configure_logging("WARNING")
+    config = load_config(args.config)
+    with StateStore(config.state_file) as store:
+        return cleanup_command(config, store, args.policy, args.dry_run, sys.stdout)
 
 
 if __name__ == "__main__":

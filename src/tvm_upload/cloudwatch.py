@@ -48,10 +48,10 @@ logger = logging.getLogger(__name__)
 CloudWatchClient = Any
 """A botocore CloudWatch client; botocore ships no type stubs."""
 
-# PutMetricData accepts at most 1000 metric data and 1 MB per request (AWS
-# CloudWatch API Reference, PutMetricData, and the botocore 1.44 service model;
-# the limits were 20 data and 40 KB before 2022). Half of each leaves room for
-# endpoints that still apply older limits and for our size estimate's error.
+# PutMetricData accepts at most 1000 metric data and 1 MB per request, according
+# to the AWS CloudWatch API Reference (PutMetricData) and the botocore 1.44
+# service model. Before 2022 the limits were 20 data and 40 KB. Half of each
+# leaves room for endpoints with older limits and for our size estimate's error.
 MAX_DATA_PER_REQUEST = 500
 MAX_REQUEST_BYTES = 512 * 1024
 
@@ -60,7 +60,7 @@ MAX_BUFFERED_DATA = 50_000
 11 data measured every 300 s; older data are dropped first."""
 
 # CloudWatch accepts timestamps up to two weeks in the past and two hours in the
-# future; the margins cover the time a request spends in flight.
+# future. The margins cover the time a request spends in flight.
 MAX_DATUM_AGE_SECONDS = 14 * 86400 - 3600
 MAX_DATUM_AHEAD_SECONDS = 2 * 3600 - 600
 
@@ -101,7 +101,7 @@ def build_cloudwatch_client(config: Config, *, endpoint_url: str | None = None) 
     """
     client_config = BotocoreConfig(
         region_name=config.s3.region,
-        retries={"mode": "standard", "max_attempts": 1},
+        retries={"mode": "standard", "total_max_attempts": 1},
         connect_timeout=CONNECT_TIMEOUT_SECONDS,
         read_timeout=READ_TIMEOUT_SECONDS,
     )
@@ -219,8 +219,9 @@ class CloudWatchPublisher:
         self._config = config
         self._store = store
         self._clock = clock
-        self._client_factory = client_factory or (lambda: build_cloudwatch_client(config))
+        self._client_factory = client_factory or self._default_client
         self._rng = rng or random.Random()
+        self._own_collector = collector is None
         self._collector = collector or MetricsCollector(config, store)
         self._baseline = CounterBaseline(store, BASELINE_PREFIX)
         self._max_buffered = max_buffered
@@ -241,13 +242,27 @@ class CloudWatchPublisher:
     def interval_seconds(self) -> float:
         return self._config.monitoring.publish_interval_seconds
 
+    def reconfigure(self, config: Config) -> None:
+        """Use a reloaded configuration from the next measurement and the next call on.
+
+        Buffered data keep their names and dimensions. A changed interval
+        takes effect after the measurement already scheduled.
+        """
+        self._config = config
+        self._client = None
+        if self._own_collector:
+            self._collector = MetricsCollector(config, self._store)
+
+    def _default_client(self) -> CloudWatchClient:
+        return build_cloudwatch_client(self._config)
+
     def publish_due(self, now: float | None = None) -> int:
         """Measure when the interval has passed, then send buffered data unless backing off.
 
         ``now`` is wall-clock seconds (default the clock's), the timestamp of
         a measurement; the interval and the backoff run on the monotonic
         clock. The first call measures at once. Returns how many data were
-        sent. Never raises for CloudWatch or state store failures.
+        sent. CloudWatch and state store failures are logged, never raised.
         """
         now = self._clock.time() if now is None else now
         monotonic = self._clock.monotonic()
@@ -355,10 +370,13 @@ class CloudWatchPublisher:
                 code,
                 error,
             )
+            self._store.drop_metrics(row.id for row in batch)
+            return 0
         except (BotoCoreError, TvmUploadError) as error:
             raise MetricsSendError(type(error).__name__, str(error)) from error
 
         self._store.drop_metrics(row.id for row in batch)
+        self.last_success_at = self._clock.time()
         return len(batch)
 
     def _back_off(self, error: MetricsSendError) -> None:
@@ -384,8 +402,6 @@ class CloudWatchPublisher:
         )
 
     def _on_success(self, sent: int) -> None:
-        if sent:
-            self.last_success_at = self._clock.time()
         if self._failures:
             logger.info(
                 "Sent %d buffered metric data to CloudWatch after %d failed attempts",

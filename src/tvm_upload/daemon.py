@@ -12,14 +12,21 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from tvm_upload.clock import SYSTEM_CLOCK, Clock
 from tvm_upload.config import Config
+from tvm_upload.control import ControlServer, socket_path
+from tvm_upload.daemonstatus import write_daemon_status
 from tvm_upload.dispatcher import Dispatcher
 from tvm_upload.intake import Intake, directory_of, import_legacy_state
 from tvm_upload.notify import Notifier
-from tvm_upload.schedule import DrainScope, ImmediateTrigger, Trigger
+from tvm_upload.reload import ReloadPlan, load_reload
+from tvm_upload.retention import Retention
+from tvm_upload.safety import DeletionRule
+from tvm_upload.schedule import DrainScope, Trigger, build_trigger
 from tvm_upload.state import StateStore, open_store
 from tvm_upload.uploader import Uploader
 from tvm_upload.watcher import Watcher
@@ -29,11 +36,14 @@ logger = logging.getLogger(__name__)
 SECONDS_PER_DAY = 86400.0
 TICK_SECONDS = 0.25
 STOP_GRACE_SECONDS = 7.0
-STATUS_INTERVAL_SECONDS = 30.0
+STATUS_INTERVAL_SECONDS = 10.0
+RETENTION_INTERVAL_SECONDS = 30.0
 
 
 @dataclass
 class _Flags:
+    """Requests from signal handlers and the control socket, taken by the main loop."""
+
     stop: bool = False
     reload: bool = False
     upload_now: bool = False
@@ -46,21 +56,26 @@ class Daemon:
         self,
         config: Config,
         *,
+        config_path: Path | None = None,
         clock: Clock = SYSTEM_CLOCK,
         uploader: Uploader | None = None,
         trigger: Trigger | None = None,
         notifier: Notifier | None = None,
     ) -> None:
         self.config = config
+        self.config_path = config_path
         self.clock = clock
-        self.trigger: Trigger = trigger or ImmediateTrigger()
+        self.trigger: Trigger = trigger or build_trigger(config)
         self.notifier = notifier or Notifier.from_environment()
         self._uploader = uploader
         self._flags = _Flags()
         self._wake = threading.Event()
         self._next_reconcile = 0.0
         self._next_status = 0.0
+        self._next_retention = 0.0
+        self._drains_seen = 0
         self._started_at = 0.0
+        self._control: ControlServer | None = None
         self.store: StateStore
         self.intake: Intake
         self.dispatcher: Dispatcher
@@ -71,27 +86,35 @@ class Daemon:
         self._flags.stop = True
         self._wake.set()
 
+    def request_reload(self) -> None:
+        """Ask the loop to read the configuration file again."""
+        self._flags.reload = True
+        self._wake.set()
+
     def request_upload_now(self) -> None:
         """Ask the loop to drain the whole queue now, whatever the schedule."""
         self._flags.upload_now = True
         self._wake.set()
 
     def install_signal_handlers(self) -> None:
-        """Route SIGTERM and SIGINT to a graceful stop and SIGUSR1 to upload-now."""
-        signal.signal(signal.SIGTERM, self._on_stop_signal)
-        signal.signal(signal.SIGINT, self._on_stop_signal)
-        signal.signal(signal.SIGUSR1, self._on_upload_now_signal)
+        """Route SIGTERM and SIGINT to a graceful stop, SIGHUP to reload, SIGUSR1 to upload-now."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
+        signal.signal(signal.SIGUSR1, self._on_signal)
 
-    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.request_stop()
-
-    def _on_upload_now_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.request_upload_now()
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self.request_reload()
+        elif signum == signal.SIGUSR1:
+            self.request_upload_now()
+        else:
+            self.request_stop()
 
     def run(self) -> None:
         """Start every component, loop until stopped, then stop them in order."""
-        self._start()
         try:
+            self._start()
             while not self._flags.stop:
                 self.step()
                 self._wake.wait(TICK_SECONDS)
@@ -105,7 +128,8 @@ class Daemon:
         self.store, rebuilt = open_store(config.state_file, clock=self.clock.time)
         if rebuilt:
             logger.error(
-                "Rebuilt the state store %s from a scan of the log directories", config.state_file
+                "Rebuilding the state store %s from a scan of the log directories",
+                config.state_file,
             )
 
         import_legacy_state(config, self.store, self.clock)
@@ -113,35 +137,65 @@ class Daemon:
         if recovered:
             logger.info("Queued %d interrupted uploads again", recovered)
 
+        uploader = self._uploader or Uploader.from_config(config)
         self.intake = Intake(config, self.store, self.clock)
-        self.dispatcher = Dispatcher(
-            config, self.store, self._uploader or Uploader.from_config(config), self.clock
-        )
+        self.dispatcher = Dispatcher(config, self.store, uploader, self.clock)
+        self.retention = Retention(config, self.store, in_flight=self.dispatcher.in_flight_paths)
         self.watcher = Watcher(config.log_directories, self.intake.on_event)
         self.watcher.start()
+        self._start_control()
 
-        self._initial_scan()
+        self._scan("Startup scan")
         if self.trigger.on_start():
-            self.dispatcher.request_drain()
+            self.dispatcher.request_drain(include_failed=True)
 
         logger.info(
             "Started: vehicle %s, %d log directories, %d files queued, state store %s",
             config.vehicle_id,
             len(config.log_directories),
-            self.store.summary(self.clock.time()).pending_count,
+            self.store.summary(self.clock.time()).queue_count,
             config.state_file,
         )
         self.notifier.ready()
 
-    def _initial_scan(self) -> None:
-        scan_settings = self.config.upload.scan_existing_files
-        if not scan_settings.enabled:
-            self._schedule_reconcile()
-            return
+    def _start_control(self) -> None:
+        path = socket_path(self.config.state_file)
+        self._control = ControlServer(path, self._handle_control)
+        try:
+            self._control.start()
+        except OSError as error:
+            logger.warning(
+                "Cannot listen on the control socket %s, so upload-now is unavailable: %s",
+                path,
+                error,
+            )
+            self._control = None
 
+    def _handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer a control request; runs on the control thread, so it only reads and sets flags."""
+        command = request.get("command")
+        if command == "upload-now":
+            run = self.dispatcher.drain_requests + 1
+            self.request_upload_now()
+            return {"ok": True, "run": run}
+        if command == "progress":
+            return {
+                "ok": True,
+                "draining": self.dispatcher.busy or self._flags.upload_now,
+                "in_flight": self.dispatcher.in_flight,
+                "run": self.dispatcher.drain_requests,
+                "finished_run": self.dispatcher.drains_finished,
+            }
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    def _scan(self, reason: str) -> None:
+        """Scan every root for files the queue and registry do not know yet."""
         observed = self.intake.scan(self._scan_min_mtime())
-        logger.info("Startup scan found %d files not yet uploaded", observed)
-        self._schedule_reconcile()
+        if observed:
+            logger.info("%s found %d files not yet uploaded", reason, observed)
+        self._next_reconcile = (
+            self.clock.monotonic() + self.config.upload.reconcile_interval_seconds
+        )
 
     def _scan_min_mtime(self) -> float | None:
         """Return the oldest mtime a scan considers.
@@ -156,78 +210,140 @@ class Daemon:
             return None
         return self.clock.time() - scan_settings.max_age_days * SECONDS_PER_DAY
 
-    def _schedule_reconcile(self) -> None:
-        self._next_reconcile = (
-            self.clock.monotonic() + self.config.upload.reconcile_interval_seconds
-        )
-
     def step(self) -> None:
         """Run one pass of every component."""
         self._take_flags()
 
         self.watcher.poll()
-        if self.watcher.overflowed() or self.clock.monotonic() >= self._next_reconcile:
-            self.intake.scan(self._scan_min_mtime())
-            self._schedule_reconcile()
+        if self.watcher.overflowed():
+            self._scan("Scan after an inotify overflow")
+        elif self.clock.monotonic() >= self._next_reconcile:
+            self._scan("Reconciliation scan")
 
-        self._requeue_changed()
-        counts = self.intake.step()
+        self._observe_changed()
+        ready = self.intake.step()
+        monotonic_now = self.clock.monotonic()
         now = self.clock.now(self.config.zone())
-        if counts.queued:
-            self._on_files_ready(now)
-        if self.trigger.due(self.clock.monotonic(), now):
+        if ready:
+            self._on_files_ready(ready, now)
+
+        if self.trigger.due(monotonic_now, now):
             logger.info("Scheduled run: uploading the whole queue")
             self.dispatcher.request_drain(include_failed=True)
+        if self.trigger.clock_stepped() is not None:
+            self._scan("Scan after a wall-clock step")
 
         self.dispatcher.step()
-        self._report_status()
+        self._run_retention(monotonic_now)
+        self._report_status(monotonic_now, now)
 
     def _take_flags(self) -> None:
+        if self._flags.reload:
+            self._flags.reload = False
+            self._reload()
         if self._flags.upload_now:
             self._flags.upload_now = False
             logger.info("Upload requested now: uploading the whole queue")
             self.dispatcher.request_drain(include_failed=True)
 
-    def _on_files_ready(self, now: object) -> None:
-        scope = self.trigger.on_ready(now)  # type: ignore[arg-type]
-        if scope is not DrainScope.NONE:
+    def _on_files_ready(self, ready: list[Path], now: Any) -> None:
+        scope = self.trigger.on_ready(now)
+        if scope is DrainScope.QUEUE:
             self.dispatcher.request_drain()
+        elif scope is DrainScope.FILE:
+            self.dispatcher.request_paths(ready)
 
-    def _requeue_changed(self) -> None:
+    def _observe_changed(self) -> None:
+        """Watch files that changed during their upload until they are stable again."""
         while self.dispatcher.changed:
             record = self.dispatcher.changed.pop()
             directory = directory_of(self.config, record.path)
             if directory is not None:
                 self.intake.stability.observe(record.path, directory)
 
-    def _report_status(self) -> None:
-        self.notifier.watchdog()
-        if self.clock.monotonic() < self._next_status:
+    def _run_retention(self, monotonic_now: float) -> None:
+        """Run due deletions every 30 s, and the emergency check after each finished drain."""
+        drain_finished = self.dispatcher.drains_finished != self._drains_seen
+        self._drains_seen = self.dispatcher.drains_finished
+        if monotonic_now >= self._next_retention:
+            self._next_retention = monotonic_now + RETENTION_INTERVAL_SECONDS
+            report = self.retention.run_due(self.clock.time())
+        elif drain_finished and self.config.deletion.emergency.enabled:
+            report = self.retention.execute(
+                [DeletionRule.EMERGENCY], self.clock.time(), dry_run=False
+            )
+        else:
             return
 
-        self._next_status = self.clock.monotonic() + STATUS_INTERVAL_SECONDS
+        for record in report.requeue:
+            directory = directory_of(self.config, record.path)
+            if directory is not None:
+                self.intake.stability.observe(record.path, directory)
+
+    def _reload(self) -> None:
+        if self.config_path is None:
+            logger.warning("Ignored a reload request: the daemon was started without a config file")
+            return
+
+        self.notifier.reloading()
+        plan = load_reload(self.config_path, self.config)
+        if plan is not None:
+            self._apply(plan)
+        self.notifier.ready()
+
+    def _apply(self, plan: ReloadPlan) -> None:
+        config = plan.config
+        uploader = Uploader.from_config(config) if plan.s3_changed else None
+        self.config = config
+        self.intake.apply_config(config)
+        self.dispatcher.apply_config(config, uploader)
+        self.retention.apply_config(config)
+        self.watcher.update(config.log_directories)
+        if plan.trigger_changed:
+            self.trigger = build_trigger(config)
+        if plan.directories_added:
+            self._scan("Scan of added directories")
+        logger.info("Reloaded the configuration from %s: %s", self.config_path, plan.summary)
+
+    def _report_status(self, monotonic_now: float, now: Any) -> None:
+        self.notifier.watchdog()
+        if monotonic_now < self._next_status:
+            return
+
+        self._next_status = monotonic_now + STATUS_INTERVAL_SECONDS
         summary = self.store.summary(self.clock.time())
+        stats = self.dispatcher.stats
         self.notifier.status(
-            f"{summary.pending_count} queued, {self.dispatcher.in_flight} uploading, "
-            f"{self.dispatcher.stats.uploaded_files} uploaded since start"
+            f"{summary.queue_count} queued, {self.dispatcher.in_flight} uploading, "
+            f"{stats.uploaded_files} uploaded since start"
+        )
+        write_daemon_status(
+            self.config.state_file,
+            {
+                "schedule": self.trigger.describe(monotonic_now, now),
+                "in_flight": self.dispatcher.in_flight,
+                "uploaded_since_start": stats.uploaded_files,
+                "last_upload_at": stats.last_upload_at,
+                "started_at": self._started_at,
+                "updated_at": self.clock.time(),
+            },
         )
 
     def _shutdown(self) -> None:
         """Stop whatever ``_start`` got to start, in reverse order."""
         logger.info("Stopping: waiting up to %.0f s for uploads in flight", STOP_GRACE_SECONDS)
         self.notifier.stopping()
+        if self._control is not None:
+            self._control.stop()
         if hasattr(self, "watcher"):
             self.watcher.stop()
-        if not hasattr(self, "dispatcher"):
-            if hasattr(self, "store"):
-                self.store.close()
-            return
-
-        self.dispatcher.stop(STOP_GRACE_SECONDS)
-        stats = self.dispatcher.stats
-        self.store.close()
-        logger.info(
-            "Stopped: %d files (%d bytes) uploaded since start",
-            stats.uploaded_files,
-            stats.uploaded_bytes,
-        )
+        if hasattr(self, "dispatcher"):
+            self.dispatcher.stop(STOP_GRACE_SECONDS)
+            stats = self.dispatcher.stats
+            logger.info(
+                "Stopped: %d files (%d bytes) uploaded since start",
+                stats.uploaded_files,
+                stats.uploaded_bytes,
+            )
+        if hasattr(self, "store"):
+            self.store.close()

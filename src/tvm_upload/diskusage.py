@@ -1,7 +1,7 @@
 """Disk usage of the filesystems that hold the log directories, and the emergency tier.
 
 Emergency retention reads usage through a ``DiskUsageFunction`` so tests can
-inject a fake; the default asks the kernel with ``statvfs``. ``DiskPressure``
+inject a fake; the default reads ``os.statvfs``. ``DiskPressure``
 decides, per filesystem, how far the emergency tier deletes.
 """
 
@@ -105,7 +105,7 @@ def group_by_filesystem(directories: Iterable[LogDirectory]) -> list[Filesystem]
 
 
 class PressureCandidate(Protocol):
-    """A file the emergency tier may delete; ``uploaded`` tells which tier may take it."""
+    """A file the emergency tier may delete; ``uploaded`` selects the tier that may delete it."""
 
     @property
     def uploaded(self) -> bool: ...
@@ -114,7 +114,7 @@ class PressureCandidate(Protocol):
 Candidate = TypeVar("Candidate", bound=PressureCandidate)
 
 # Deletes a candidate for the given reason; returns the bytes freed, or None if not deleted.
-DeleteFunction = Callable[[Candidate, str], "int | None"]
+DeleteFunction = Callable[[Candidate, str], int | None]
 
 
 @dataclass
@@ -126,10 +126,16 @@ class DiskPressure:
     is still above ``critical_threshold`` do files not uploaded yet follow,
     and only until usage is no longer above it: data loss stops as soon as
     the disk is out of the critical range.
+
+    While a filesystem stays above the warning threshold, its state is
+    logged when it starts, when it turns critical and when nothing is left
+    to delete, not at every check.
     """
 
     disk: DiskSettings
     measure: DiskUsageFunction = disk_usage
+    _levels: dict[int, int] = field(default_factory=dict, init=False, repr=False)
+    _exhausted: set[int] = field(default_factory=set, init=False, repr=False)
     _warned_reserved: set[int] = field(default_factory=set, init=False, repr=False)
 
     def exceeded(self, usage: Usage) -> bool:
@@ -143,6 +149,19 @@ class DiskPressure:
 
     def below_critical(self, usage: Usage) -> bool:
         return usage.fraction <= self.disk.critical_threshold
+
+    def settle(self, filesystem: Filesystem, usage: Usage) -> None:
+        """Note that ``usage`` is not above the warning threshold; log the end of a pressure."""
+        self._exhausted.discard(filesystem.device)
+        if self._levels.pop(filesystem.device, None) is None:
+            return
+        logger.info(
+            "Disk usage of the filesystem holding %s is down to %.1f%%, not above"
+            " warning_threshold %.0f%%",
+            filesystem.path,
+            usage.fraction * 100,
+            self.disk.warning_threshold * 100,
+        )
 
     def relieve(
         self,
@@ -160,6 +179,7 @@ class DiskPressure:
         """
         if not quiet:
             self._log_pressure(filesystem, usage)
+        start = usage
         uploaded = [candidate for candidate in candidates if candidate.uploaded]
         usage = self._delete_until(filesystem, usage, uploaded, delete, self.relieved)
 
@@ -167,14 +187,8 @@ class DiskPressure:
             not_uploaded = [candidate for candidate in candidates if not candidate.uploaded]
             usage = self._delete_until(filesystem, usage, not_uploaded, delete, self.below_critical)
 
-        if not quiet and not self.relieved(usage):
-            logger.warning(
-                "Disk usage of the filesystem holding %s is still %.1f%% (%d bytes free)"
-                " after emergency cleanup: nothing left that retention may delete",
-                filesystem.path,
-                usage.fraction * 100,
-                usage.free,
-            )
+        if not quiet:
+            self._log_exhausted(filesystem, usage, deleted=usage != start)
         return usage
 
     def _delete_until(
@@ -206,8 +220,13 @@ class DiskPressure:
     def _log_pressure(self, filesystem: Filesystem, usage: Usage) -> None:
         disk = self.disk
         critical = not self.below_critical(usage)
+        level = logging.ERROR if critical else logging.WARNING
+        if self._levels.get(filesystem.device, logging.NOTSET) >= level:
+            return
+
+        self._levels[filesystem.device] = level
         logger.log(
-            logging.ERROR if critical else logging.WARNING,
+            level,
             "Disk usage of the filesystem holding %s is %.1f%% (%d bytes free), above %s %.0f%%:"
             " deleting uploaded log files%s, oldest first",
             filesystem.path,
@@ -228,3 +247,18 @@ class DiskPressure:
                 filesystem.path,
                 usable,
             )
+
+    def _log_exhausted(self, filesystem: Filesystem, usage: Usage, *, deleted: bool) -> None:
+        if deleted:
+            self._exhausted.discard(filesystem.device)
+        if self.relieved(usage) or filesystem.device in self._exhausted:
+            return
+
+        self._exhausted.add(filesystem.device)
+        logger.warning(
+            "Disk usage of the filesystem holding %s is still %.1f%% (%d bytes free)"
+            " after emergency cleanup: nothing left that retention may delete",
+            filesystem.path,
+            usage.fraction * 100,
+            usage.free,
+        )

@@ -12,13 +12,14 @@ import random
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tvm_upload.backoff import backoff_seconds
 from tvm_upload.clock import Clock
 from tvm_upload.config import Config
 from tvm_upload.errors import FileChangedError, FileVanishedError, UploadError
 from tvm_upload.state import FileRecord, StateStore
-from tvm_upload.uploader import UploadRequest, UploadResult, Uploader
+from tvm_upload.uploader import Uploader, UploadRequest, UploadResult
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ class Dispatcher:
         self._pause = _QueuePause()
         self._stopping = threading.Event()
         self._draining = False
-        self._include_failed = False
+        self._wanted: list[Path] = []
+        self.drain_requests = 0
+        self.drains_finished = 0
         self.changed: list[FileRecord] = []
 
     @property
@@ -83,25 +86,61 @@ class Dispatcher:
     def in_flight(self) -> int:
         return len(self._running)
 
-    def request_drain(self, *, include_failed: bool = False) -> None:
-        """Upload every due queue row until none is left; failed rows too if asked."""
+    def in_flight_paths(self) -> list[Path]:
+        """Return the paths of the files being uploaded right now."""
+        return [running.record.path for running in list(self._running.values())]
+
+    def request_drain(self, *, include_failed: bool = False) -> int:
+        """Upload every due queue row until none is left; failed rows too if asked.
+
+        A request while a drain is running merges into it. Returns the
+        request's number; ``drains_finished`` reaches it when the queue is empty.
+        """
         self._draining = True
-        self._include_failed = self._include_failed or include_failed
+        if include_failed:
+            retried = self.store.retry_failed()
+            if retried:
+                logger.info("Queued %d failed files again for this run", retried)
+        self.drain_requests += 1
+        return self.drain_requests
+
+    def request_paths(self, paths: list[Path]) -> None:
+        """Upload just these queued files, for immediate uploads with batch upload off."""
+        self._wanted.extend(paths)
+
+    def apply_config(self, config: Config, uploader: Uploader | None) -> None:
+        """Use a reloaded configuration; uploads in flight finish with the old uploader."""
+        if config.upload.max_concurrency != self.config.upload.max_concurrency:
+            old_pool = self._pool
+            self._pool = ThreadPoolExecutor(
+                max_workers=config.upload.max_concurrency, thread_name_prefix="upload"
+            )
+            old_pool.shutdown(wait=False)
+        if uploader is not None:
+            self.uploader = uploader
+        self.config = config
 
     def step(self) -> None:
-        """Record finished uploads, then start new ones while a drain is active."""
+        """Record finished uploads, then start new ones for a drain or for wanted files."""
         self._collect()
-        if not self._draining or self._stopping.is_set():
-            return
-
-        if self.clock.monotonic() < self._pause.until_monotonic:
+        if self._stopping.is_set() or self.clock.monotonic() < self._pause.until_monotonic:
             return
 
         free = self.config.upload.max_concurrency - len(self._running)
         if free <= 0:
             return
 
-        claimed = self.store.claim(self.clock.time(), free, include_failed=self._include_failed)
+        if self._wanted:
+            wanted, self._wanted = self._wanted[:free], self._wanted[free:]
+            claimed = self.store.claim_paths(wanted, self.clock.time())
+            for record in claimed:
+                self._submit(record)
+            free -= len(claimed)
+
+        if not self._draining or free <= 0:
+            return
+
+        claimed = self.store.claim(self.clock.time(), free)
         for record in claimed:
             self._submit(record)
 
@@ -112,7 +151,7 @@ class Dispatcher:
         if self.store.has_pending():
             return
         self._draining = False
-        self._include_failed = False
+        self.drains_finished = self.drain_requests
 
     def _submit(self, record: FileRecord) -> None:
         request = UploadRequest(

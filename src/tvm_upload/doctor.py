@@ -1,7 +1,7 @@
 """``tvm-upload doctor``: checks of the configuration and of everything the daemon relies on.
 
 Each check returns a ``Check`` with status OK, WARN or FAIL, a one-line
-detail and, when something is wrong, a hint that says what to do. No check
+detail and, when something is wrong, a hint with the next step. No check
 prints a secret: credentials are described by where botocore found them.
 The bucket check writes one small probe object under
 ``{vehicle_id}/.doctor/`` and deletes it again.
@@ -15,25 +15,33 @@ import enum
 import json
 import os
 import shutil
+import sqlite3
 import stat
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
+from botocore.config import Config as BotocoreConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from tvm_upload.cloudwatch import build_cloudwatch_client
 from tvm_upload.config import Config, load_config
-from tvm_upload.errors import ConfigError, ExitCode, StateStoreError
+from tvm_upload.errors import ConfigError, ExitCode
 from tvm_upload.metrics import watched_disks
-from tvm_upload.s3client import QUEUE_ERROR_ADVICE, UploaderSettings, build_client, build_session
-from tvm_upload.state import StateStore
+from tvm_upload.s3client import (
+    QUEUE_ERROR_ADVICE,
+    UploaderSettings,
+    botocore_config,
+    build_session,
+)
+from tvm_upload.state import QUEUE_STATES, SCHEMA_VERSION, FileState
 
-# A synchronised clock is within a second of S3's; the Date header has whole
+# A synchronised clock is within a second of S3's, and the Date header has whole
 # seconds. S3 rejects requests signed more than 15 minutes off (RequestTimeTooSkewed).
 CLOCK_SKEW_WARN_SECONDS = 60.0
 CLOCK_SKEW_FAIL_SECONDS = 15 * 60.0
@@ -41,6 +49,7 @@ CLOCK_SKEW_FAIL_SECONDS = 15 * 60.0
 INOTIFY_WATCHES_PATH = Path("/proc/sys/fs/inotify/max_user_watches")
 SERVICE_NAME = "tvm-upload"
 COMMAND_TIMEOUT_SECONDS = 5.0
+STATE_STORE_TIMEOUT_SECONDS = 5.0
 CONNECT_TIMEOUT_SECONDS = 5.0
 READ_TIMEOUT_SECONDS = 10.0
 PROBE_BODY = b"tvm-upload doctor probe; safe to delete\n"
@@ -64,7 +73,7 @@ class Status(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Check:
-    """The outcome of one check: ``detail`` is one line; ``hint`` says what to do, if anything."""
+    """The outcome of one check: ``detail`` is one line, and ``hint`` is the next step, if any."""
 
     name: str
     status: Status
@@ -111,7 +120,7 @@ def run_doctor(
     checks.append(credentials)
     if credentials.status is not Status.FAIL:
         checks += check_bucket(config, clock)
-    checks.append(check_state_store(config, clock()))
+    checks.append(check_state_store(config))
     checks.append(check_inotify(config, inotify_watches_path))
     checks += check_disks(config)
     checks.append(check_cloudwatch(config))
@@ -177,7 +186,12 @@ def check_credentials(config: Config) -> Check:
     exposed = _exposed_credentials_file(settings.credentials_path)
     if exposed is not None:
         hint = f"chmod 600 {exposed}"
-        return Check("credentials", Status.WARN, f"{detail}; {exposed} is readable by others", hint)
+        return Check(
+            "credentials",
+            Status.WARN,
+            f"{detail}; {exposed} is open to other accounts (mode not 600)",
+            hint,
+        )
     return Check("credentials", Status.OK, detail)
 
 
@@ -193,15 +207,14 @@ def _exposed_credentials_file(directory: Path | None) -> Path | None:
 
 
 def check_bucket(config: Config, clock: Callable[[], float]) -> list[Check]:
-    """Check that the bucket answers, the clock agrees with S3's, and a probe object can be written."""
+    """Check that the bucket responds, the clock agrees with S3's and a probe object is written."""
     settings = dataclasses.replace(
         _settings(config),
         connect_timeout_seconds=CONNECT_TIMEOUT_SECONDS,
         read_timeout_seconds=READ_TIMEOUT_SECONDS,
-        max_request_attempts=1,
     )
     try:
-        client = build_client(settings)
+        client = _single_attempt_client(settings)
     except ConfigError as error:
         return [Check("bucket", Status.FAIL, "; ".join(error.problems))]
 
@@ -216,7 +229,7 @@ def check_bucket(config: Config, clock: Callable[[], float]) -> list[Check]:
         detail = f"cannot reach {endpoint}: {error}"
         return [Check("bucket", Status.FAIL, detail, "check the network and s3.endpoint_url")]
     else:
-        reachable = Check("bucket", Status.OK, f"s3://{settings.bucket} answers at {endpoint}")
+        reachable = Check("bucket", Status.OK, f"s3://{settings.bucket} is reachable at {endpoint}")
 
     local_time = (sent_at + clock()) / 2
     headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
@@ -224,6 +237,14 @@ def check_bucket(config: Config, clock: Callable[[], float]) -> list[Check]:
     if reachable.status is Status.OK:
         checks.append(_probe_write(client, config, settings, clock()))
     return checks
+
+
+def _single_attempt_client(settings: UploaderSettings) -> Any:
+    """Create the uploader's S3 client, but with one attempt per request, so doctor ends quickly."""
+    single = BotocoreConfig(retries={"mode": "standard", "total_max_attempts": 1})
+    return build_session(settings).client(
+        "s3", endpoint_url=settings.endpoint_url, config=botocore_config(settings).merge(single)
+    )
 
 
 def _bucket_error(bucket: str, error: ClientError) -> Check:
@@ -275,7 +296,7 @@ def _probe_write(client: Any, config: Config, settings: UploaderSettings, now: f
     return Check("bucket write", Status.OK, f"wrote and deleted s3://{settings.bucket}/{key}")
 
 
-def check_state_store(config: Config, now: float) -> Check:
+def check_state_store(config: Config) -> Check:
     """Run ``PRAGMA quick_check`` on a read-only connection to the state store."""
     path = config.state_file
     if not path.exists():
@@ -286,21 +307,43 @@ def check_state_store(config: Config, now: float) -> Check:
         return Check("state store", Status.FAIL, f"cannot create {path}", hint)
 
     try:
-        with StateStore(path, read_only=True) as store:
-            problems = store.check_integrity(quick=True)
-            summary = store.summary(now, failed_limit=0)
-    except StateStoreError as error:
-        return Check("state store", Status.FAIL, str(error), "see the message; then restart")
+        with closing(_read_only_connection(path)) as conn:
+            problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check")]
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            counts = dict(conn.execute("SELECT state, COUNT(*) FROM files GROUP BY state"))
+    except sqlite3.Error as error:
+        hint = "restart tvm-upload: it moves a damaged store aside and rebuilds the queue"
+        return Check("state store", Status.FAIL, f"cannot read {path}: {error}", hint)
 
-    if problems:
+    if problems != ["ok"]:
         detail = f"{path} is damaged: {'; '.join(problems[:3])}"
         hint = "restart tvm-upload: it moves the damaged store aside and rebuilds the queue"
         return Check("state store", Status.FAIL, detail, hint)
-    detail = (
-        f"{path} passed quick_check: {summary.queue_count} files queued"
-        f" ({summary.failed_count} failed), {summary.uploaded_count} uploaded files kept"
-    )
+    if version > SCHEMA_VERSION:
+        detail = (
+            f"{path} has schema version {version}; this tvm-upload reads up to {SCHEMA_VERSION}"
+        )
+        return Check("state store", Status.FAIL, detail, "install the newer tvm-upload again")
+
+    queued = sum(counts.get(state.value, 0) for state in QUEUE_STATES)
+    failed = counts.get(FileState.FAILED.value, 0)
+    detail = f"{path} passed quick_check: {queued} files queued ({failed} failed)"
     return Check("state store", Status.OK, detail)
+
+
+def _read_only_connection(path: Path) -> sqlite3.Connection:
+    """Open the state store read-only without creating its ``-wal`` and ``-shm`` files.
+
+    Files created by doctor would belong to the user running it, often root,
+    and the daemon could not open them. Without a ``-wal`` file no process
+    has the database open, so it is read as immutable, which creates nothing.
+    """
+    # NOTE: a daemon that starts during this check may write while the file is read
+    # as immutable; quick_check could then report damage that is not there.
+    wal = path.with_name(path.name + "-wal")
+    query = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
+    uri = f"{path.absolute().as_uri()}?{query}"
+    return sqlite3.connect(uri, uri=True, timeout=STATE_STORE_TIMEOUT_SECONDS)
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -367,7 +410,7 @@ def check_disks(config: Config) -> list[Check]:
 
 
 def check_cloudwatch(config: Config) -> Check:
-    """Report whether CloudWatch metrics are on and which endpoint they go to; no request is sent."""
+    """Report whether CloudWatch metrics are on and their endpoint, without sending a request."""
     monitoring = config.monitoring
     if not monitoring.cloudwatch_enabled:
         return Check("cloudwatch", Status.OK, "disabled (monitoring.cloudwatch_enabled: false)")

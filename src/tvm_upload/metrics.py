@@ -97,7 +97,7 @@ def count_deletion(store: CounterStore, policy: str, *, data_loss: bool = False)
 
 @dataclass(frozen=True)
 class DiskUsage:
-    """Space on one filesystem that holds a watched directory, as ``df`` reports it.
+    """Space on one filesystem that contains a watched directory, as ``df`` reports it.
 
     ``used_fraction`` is used / (used + available to unprivileged users), so
     blocks reserved for root count as unavailable, as in ``df``'s Use%.
@@ -129,7 +129,7 @@ def disk_usage(path: Path) -> DiskUsage:
 
 
 def watched_disks(paths: Iterable[Path]) -> list[DiskUsage]:
-    """Measure each filesystem that holds one of ``paths`` once, ordered by mount point.
+    """Measure each filesystem that contains one of ``paths`` once, ordered by mount point.
 
     A path that cannot be measured (permission denied) is logged and skipped.
     """
@@ -152,7 +152,7 @@ def _existing_ancestor(path: Path) -> Path:
 
 
 def mount_point(path: Path) -> Path:
-    """Return the mount point of the filesystem that holds the existing ``path``."""
+    """Return the mount point of the filesystem that contains the existing ``path``."""
     path = Path(os.path.realpath(path))
     device = path.stat().st_dev
     while path != path.parent and path.parent.stat().st_dev == device:
@@ -217,9 +217,8 @@ class CounterBaseline:
     Each counter ``name`` has a baseline counter ``{prefix}{name}`` in the
     same table, so per-period deltas continue across restarts without
     counting anything twice. ``start`` must run once before the first
-    period; counts recorded before it are not reported, which keeps a
-    publisher enabled on an old store from reporting years of uploads as
-    one period.
+    period. Counts recorded before it are not reported, so a publisher
+    enabled on an old store does not report years of uploads as one period.
     """
 
     def __init__(self, store: CounterStore, prefix: str) -> None:
@@ -272,19 +271,19 @@ class WarningLimiter:
         self._suppressed: dict[str, int] = {}
 
     def warn(self, kind: str, message: str, *args: object) -> None:
-        """Log ``message % args`` at WARNING unless ``kind`` was logged within ``repeat_seconds``."""
+        """Log at WARNING unless ``kind`` had a WARNING within the repeat time, else at DEBUG."""
         now = self._clock()
         last = self._last.get(kind)
         if last is not None and now - last < self._repeat_seconds:
             self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-            self._log.debug(message, *args)
+            self._log.debug(message, *args, stacklevel=2)
             return
 
         suppressed = self._suppressed.pop(kind, 0)
         if suppressed:
             message += " (%d similar messages since the last warning)"
             args = (*args, suppressed)
-        self._log.warning(message, *args)
+        self._log.warning(message, *args, stacklevel=2)
         self._last[kind] = now
 
     def reset(self) -> None:

@@ -50,7 +50,7 @@ class SnapshotCollector(Collector):
     """Exposes the latest snapshot and CloudWatch publish time as metric families.
 
     ``update`` replaces the snapshot in one assignment, so a scrape on the
-    HTTP server's thread sees either the old or the new one whole.
+    HTTP server's thread reads either the old or the new one whole.
     """
 
     def __init__(self, vehicle_id: str) -> None:
@@ -126,7 +126,7 @@ def _gauge_families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
 
 
 class PrometheusExporter:
-    """Serves the metrics on 127.0.0.1 and writes the textfile, as the configuration asks.
+    """Serves the metrics on 127.0.0.1 and writes the textfile, as configured.
 
     ``start`` binds the HTTP server when ``monitoring.prometheus.enabled``;
     ``refresh_due`` (or ``refresh``) takes a new snapshot and rewrites
@@ -170,13 +170,16 @@ class PrometheusExporter:
 
     @property
     def enabled(self) -> bool:
-        """True when the configuration asks for the HTTP endpoint or the textfile."""
+        """True when the configuration enables the HTTP endpoint or the textfile."""
         return self._settings.enabled or self._settings.textfile_path is not None
 
     @property
-    def port(self) -> int | None:
-        """The bound TCP port, None while the server is not running."""
-        return None if self._server is None else self._server.server_port
+    def address(self) -> tuple[str, int] | None:
+        """The bound address and TCP port, None while the server is not running."""
+        if self._server is None:
+            return None
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
 
     def start(self) -> bool:
         """Start the HTTP server on 127.0.0.1 if enabled; return whether it runs.

@@ -50,6 +50,7 @@ from tvm_upload.safety import (
     DeletionStatus,
     Rejection,
     SafeDeleter,
+    warn_if_protected,
 )
 from tvm_upload.state import FileRecord, FileState, StateStore
 from tvm_upload.watcher import scan
@@ -84,13 +85,15 @@ class PlannedDeletion:
 class RetentionReport:
     """Outcomes of one retention pass.
 
-    ``requeue`` contains uploaded rows whose file changed since the upload;
-    the daemon hands each to the stability tracker so the new content is
+    ``requeue`` contains uploaded rows whose file changed since the upload.
+    The daemon hands each to the stability tracker, so the new content is
     uploaded once it is ready. A row is reported once per new identity.
+    ``stopped`` lists the rules that a state store or filesystem error ended.
     """
 
     outcomes: list[DeletionOutcome] = field(default_factory=list)
     requeue: list[FileRecord] = field(default_factory=list)
+    stopped: list[DeletionRule] = field(default_factory=list)
 
     @property
     def deleted(self) -> list[DeletionOutcome]:
@@ -141,9 +144,9 @@ class Retention:
     """Applies the retention rules of ``config`` to the files in ``store``.
 
     Every time is wall-clock seconds passed in as ``now``. ``in_flight``
-    returns the paths being uploaded in this process; rows in state
-    ``uploading`` count as being uploaded too, which also covers a daemon
-    running beside ``tvm-upload cleanup``. ``disk_usage`` measures a
+    returns the paths being uploaded in this process. Rows in state
+    ``uploading`` count as being uploaded too, which covers a daemon that
+    runs beside ``tvm-upload cleanup``. ``disk_usage`` measures a
     filesystem. Not thread-safe: call it from the main loop only.
     """
 
@@ -170,6 +173,8 @@ class Retention:
         self.config = config
         self.deleter = SafeDeleter(config.log_directories, self.store, self._protected)
         self.pressure = DiskPressure(config.disk, self._disk_usage)
+        for directory in config.log_directories:
+            warn_if_protected(directory, self._protected)
 
     def run_due(self, now: float) -> RetentionReport:
         """Run every enabled rule that is due: call it about every 30 s and after each upload batch.
@@ -182,7 +187,7 @@ class Retention:
             rules.remove(DeletionRule.AGE)
 
         report = self.execute(rules, now, dry_run=False)
-        if DeletionRule.AGE in rules:
+        if DeletionRule.AGE in rules and DeletionRule.AGE not in report.stopped:
             self._record_age_run(now)
         self._prune_if_due(now)
         return report
@@ -225,6 +230,7 @@ class Retention:
                 self._apply(rule, run)
             except (StateStoreError, OSError) as error:
                 logger.error("Retention rule %s stopped early: %s", rule.value, error)
+                run.report.stopped.append(rule)
         return run.report
 
     def _apply(self, rule: DeletionRule, run: _Pass) -> None:
@@ -242,13 +248,11 @@ class Retention:
     # After upload.
 
     def _after_upload(self, run: _Pass) -> None:
-        keep_days = self.config.deletion.after_upload.keep_days
         for record in self.store.due_deletions(run.now):
             if record.path in run.done:
                 continue
 
-            uploaded_days = (run.now - (record.uploaded_at or run.now)) / SECONDS_PER_DAY
-            reason = f"uploaded {uploaded_days:.1f} days ago, keep_days is {keep_days:g}"
+            reason = _after_upload_reason(record, run.now)
             outcome = self._delete(run, record.path, DeletionRule.AFTER_UPLOAD, reason, record)
             if outcome.rejection is Rejection.CHANGED and outcome.identity is not None:
                 self._requeue(run, record, outcome.identity)
@@ -303,7 +307,7 @@ class Retention:
             if not (candidate.uploaded or settings.include_not_uploaded):
                 continue
 
-            age_days = run.now / SECONDS_PER_DAY - candidate.stat.st_mtime / SECONDS_PER_DAY
+            age_days = (run.now - candidate.stat.st_mtime) / SECONDS_PER_DAY
             reason = f"modified {age_days:.1f} days ago, max_age_days is {settings.max_age_days:g}"
             if not candidate.uploaded:
                 reason += ", and include_not_uploaded is true"
@@ -325,6 +329,8 @@ class Retention:
         planned = run.planned_bytes.get(filesystem.device, 0)
         usage = self._disk_usage(filesystem.path).minus(planned)
         if not self.pressure.exceeded(usage):
+            if not run.dry_run:
+                self.pressure.settle(filesystem, usage)
             return
 
         candidates = sorted(self._candidates(run, filesystem.device), key=_Candidate.sort_key)
@@ -404,8 +410,9 @@ class Retention:
         if not (outcome.deleted or outcome.status is DeletionStatus.VANISHED):
             return
 
+        uploaded = record.state is FileState.UPLOADED
         try:
-            if record.state is FileState.UPLOADED:
+            if uploaded:
                 self.store.mark_deleted(record.id, now)
             else:
                 self.store.remove(record.id)
@@ -413,8 +420,12 @@ class Retention:
             logger.warning("Cannot record the deletion of %s: %s", record.path, error)
             return
 
-        if outcome.status is DeletionStatus.VANISHED:
-            logger.info("Marked %s deleted in the registry: it was already gone", record.path)
+        if outcome.status is not DeletionStatus.VANISHED:
+            return
+        if uploaded:
+            logger.info("Marked %s deleted in the registry: the file was already gone", record.path)
+        else:
+            logger.info("Removed %s from the queue: the file was already gone", record.path)
 
     # Registry.
 
@@ -440,6 +451,14 @@ class Retention:
             self.prune_registry(now)
         except StateStoreError as error:
             logger.warning("Cannot prune the registry: %s", error)
+
+
+def _after_upload_reason(record: FileRecord, now: float) -> str:
+    uploaded_at = record.uploaded_at if record.uploaded_at is not None else now
+    delete_after = record.delete_after if record.delete_after is not None else now
+    uploaded_days = (now - uploaded_at) / SECONDS_PER_DAY
+    keep_days = (delete_after - uploaded_at) / SECONDS_PER_DAY
+    return f"uploaded {uploaded_days:.1f} days ago with keep_days {keep_days:g}"
 
 
 def cleanup_command(
@@ -472,9 +491,22 @@ def cleanup_command(
             print(f"Skipped rule {rule.policy}: it is disabled in the configuration", file=out)
 
     rules = [rule for rule in requested if retention.enabled(rule)]
+    if DeletionRule.EMERGENCY in rules:
+        _print_usage(retention, out)
     report = retention.execute(rules, time.time() if now is None else now, dry_run=dry_run)
     _print_report(report, dry_run, out)
     return ExitCode.FAILURE if report.failed else ExitCode.OK
+
+
+def _print_usage(retention: Retention, out: TextIO) -> None:
+    disk = retention.config.disk
+    for path, usage in retention.filesystem_usage().items():
+        print(
+            f"Filesystem holding {path}: {usage.fraction:.1%} used, {usage.free} bytes free"
+            f" (warning_threshold {disk.warning_threshold:.0%},"
+            f" critical_threshold {disk.critical_threshold:.0%})",
+            file=out,
+        )
 
 
 def _print_report(report: RetentionReport, dry_run: bool, out: TextIO) -> None:

@@ -140,6 +140,11 @@ class UploaderSettings:
             values["multipart_threshold_bytes"] = int(threshold_mb * MiB)
         if values.get("credentials_path") is not None:
             values["credentials_path"] = Path(values["credentials_path"]).expanduser()
+        threshold = values.get("multipart_threshold_bytes", cls.multipart_threshold_bytes)
+        if "min_part_size_bytes" not in values and threshold < cls.min_part_size_bytes:
+            # A threshold between 5 and 8 MiB is valid in the configuration:
+            # parts then shrink to it, never below S3's 5 MiB minimum.
+            values["min_part_size_bytes"] = max(threshold, MIN_PART_SIZE_BYTES)
         return cls(**values)
 
     def extra_put_arguments(self) -> dict[str, str]:

@@ -1,8 +1,8 @@
 """The one gate every local deletion passes: safety rules, the unlink, logging and counters.
 
 ``SafeDeleter.delete`` is the only code in tvm-upload that deletes a log
-file. Whatever retention rule asks, it deletes a path only when all of
-these hold:
+file. Whatever retention rule requests it, it deletes a path only when
+all of these hold:
 
 - the path is absolute and has no ``..`` component;
 - neither its normalized nor its resolved form is in or under a protected
@@ -65,14 +65,14 @@ PROTECTED_DIRECTORIES: tuple[PurePosixPath, ...] = tuple(
     )
 )
 
-# Rejections logged once per path and kind; the memory is cleared at this size.
+# Rejections and failures are logged once per path and kind; the memory is cleared at this size.
 MAX_REMEMBERED_REJECTIONS = 10_000
 
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 class DeletionRule(str, enum.Enum):
-    """Retention rule that asks for a deletion; the value names its counters."""
+    """Retention rule that requests a deletion; the value names its counters."""
 
     AFTER_UPLOAD = "after_upload"
     AGE = "age"
@@ -94,7 +94,7 @@ class DeletionRule(str, enum.Enum):
 
 
 class DeletionStatus(str, enum.Enum):
-    """What ``SafeDeleter.delete`` did with a path."""
+    """Result of ``SafeDeleter.delete`` for one path."""
 
     DELETED = "deleted"
     WOULD_DELETE = "would_delete"
@@ -146,7 +146,7 @@ class DeletionOutcome:
 
 
 class CounterSink(Protocol):
-    """Where deletions are counted; ``StateStore`` is one."""
+    """Counter store that deletions are counted in; ``StateStore`` is one."""
 
     def increment(self, name: str, by: int = 1) -> int: ...
 
@@ -168,6 +168,27 @@ def protected_directory_of(
         if path.parts[: len(directory.parts)] == directory.parts:
             return directory
     return None
+
+
+def warn_if_protected(
+    directory: LogDirectory, protected: Sequence[PurePosixPath] = PROTECTED_DIRECTORIES
+) -> None:
+    """Log a warning if ``directory`` allows deletion but is under a protected directory."""
+    if not directory.allow_deletion:
+        return
+
+    for form in (os.path.normpath(directory.path), os.path.realpath(directory.path)):
+        found = protected_directory_of(PurePosixPath(form), protected)
+        if found is not None:
+            logger.warning(
+                "Log directory %s has allow_deletion: true, but %s is under the protected"
+                " system directory %s: retention never deletes there, not even when the"
+                " disk is full. Set allow_deletion: false to silence this",
+                directory.path,
+                form,
+                found,
+            )
+            return
 
 
 class _Rejected(Exception):
@@ -198,7 +219,7 @@ class SafeDeleter:
     directories: Sequence[LogDirectory]
     counters: CounterSink | None = None
     protected: Sequence[PurePosixPath] = PROTECTED_DIRECTORIES
-    _logged: set[tuple[Path, Rejection]] = field(default_factory=set, init=False, repr=False)
+    _logged: set[tuple[Path, str]] = field(default_factory=set, init=False, repr=False)
 
     def delete(
         self,
@@ -213,7 +234,7 @@ class SafeDeleter:
     ) -> DeletionOutcome:
         """Delete ``path`` for ``rule`` if every safety rule allows it, then log and count it.
 
-        ``reason`` says why the rule asks (it goes into the log line).
+        ``reason`` explains the rule's request and goes into the log line.
         ``in_flight`` contains the paths being uploaded. ``expected`` is the
         identity the file must still have. ``data_loss`` marks a file that
         was never uploaded: it is logged at ERROR and counted as data loss.
@@ -231,7 +252,7 @@ class SafeDeleter:
         except FileNotFoundError:
             outcome = replace(outcome, status=DeletionStatus.VANISHED, detail="it no longer exists")
         except OSError as error:
-            outcome = replace(outcome, status=DeletionStatus.FAILED, detail=str(error))
+            outcome = replace(outcome, status=DeletionStatus.FAILED, detail=_failure_detail(error))
 
         self._report(outcome)
         return outcome
@@ -304,11 +325,26 @@ class SafeDeleter:
                 "Did not delete %s (rule %s): it no longer exists", outcome.path, outcome.rule.value
             )
         elif outcome.status is DeletionStatus.FAILED:
-            logger.error(
-                "Cannot delete %s (rule %s): %s", outcome.path, outcome.rule.value, outcome.detail
+            level = logging.ERROR if self._first_time(outcome.path, "failed") else logging.DEBUG
+            logger.log(
+                level,
+                "Cannot delete %s (rule %s): %s",
+                outcome.path,
+                outcome.rule.value,
+                outcome.detail,
             )
         else:
             self._log_rejection(outcome)
+
+    def _first_time(self, path: Path, kind: str) -> bool:
+        """Remember that ``path`` was not deleted for ``kind``; tell whether that is new."""
+        key = (path, kind)
+        if key in self._logged:
+            return False
+        if len(self._logged) >= MAX_REMEMBERED_REJECTIONS:
+            self._logged.clear()
+        self._logged.add(key)
+        return True
 
     @staticmethod
     def _log_deletion(outcome: DeletionOutcome) -> None:
@@ -332,17 +368,14 @@ class SafeDeleter:
 
     def _log_rejection(self, outcome: DeletionOutcome) -> None:
         assert outcome.rejection is not None
-        key = (outcome.path, outcome.rejection)
-        if key in self._logged or outcome.rejection is Rejection.IN_FLIGHT:
+        first = self._first_time(outcome.path, outcome.rejection.value)
+        if not first or outcome.rejection is Rejection.IN_FLIGHT:
             level = logging.DEBUG
         elif outcome.rejection is Rejection.CHANGED:
             level = logging.INFO
         else:
             level = logging.WARNING
 
-        if len(self._logged) >= MAX_REMEMBERED_REJECTIONS:
-            self._logged.clear()
-        self._logged.add(key)
         logger.log(
             level,
             "Did not delete %s (rule %s): %s",
@@ -364,6 +397,20 @@ class SafeDeleter:
                 self.counters.increment(name, by)
         except StateStoreError as error:
             logger.warning("Deletion of %s is not counted: %s", outcome.path, error)
+
+
+def _failure_detail(error: OSError) -> str:
+    if error.errno == errno.EROFS:
+        return (
+            f"{error}. The filesystem is read-only for tvm-upload; under systemd's"
+            " ProtectSystem=strict the log directory must be listed in ReadWritePaths"
+        )
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"{error}. Give tvm-upload's user write access to the file's directory,"
+            " or set allow_deletion: false for this log directory"
+        )
+    return str(error)
 
 
 def _freed_bytes(st: os.stat_result) -> int:
@@ -389,9 +436,9 @@ def _check_file(st: os.stat_result, identity: FileIdentity, expected: FileIdenti
 class _ParentDirectories:
     """Descriptors of the directories from a log directory's root down to a file's parent.
 
-    The root is opened following symlinks; every directory below it is
+    The root is opened following symlinks. Every directory below it is
     opened with ``O_NOFOLLOW``, so the file is reached without passing a
-    symlink even if one is swapped in during the check.
+    symlink, even one swapped in during the check.
     """
 
     def __init__(self, root: Path, relative: PurePosixPath) -> None:

@@ -6,6 +6,7 @@ and never creates or changes the database.
 
 from __future__ import annotations
 
+import io
 import time
 from typing import Any
 
@@ -13,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tvm_upload.config import Config
+from tvm_upload.daemonstatus import read_daemon_status
 from tvm_upload.state import StateStore, StatusSummary
 
 STATES = ("pending", "uploading", "failed", "uploaded")
@@ -28,12 +30,13 @@ def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
     }
     if not config.state_file.exists():
         report.update({state: {"count": 0, "bytes": 0} for state in STATES})
-        report.update(failed_files=[], sources={}, oldest_pending_age_seconds=0.0)
+        report.update(failed_files=[], sources={}, oldest_pending_age_seconds=0.0, daemon=None)
         return report
 
     with StateStore(config.state_file, read_only=True) as store:
         summary = store.summary(now)
     report.update(_summary_fields(summary))
+    report["daemon"] = read_daemon_status(config.state_file)
     return report
 
 
@@ -52,7 +55,7 @@ def _summary_fields(summary: StatusSummary) -> dict[str, Any]:
 
 def render_status(report: dict[str, Any]) -> str:
     """Return the report as tables for a terminal."""
-    console = Console(record=True, width=120, file=_NullFile())
+    console = Console(record=True, width=120, file=io.StringIO())
     if not report["state_file_exists"]:
         console.print(f"No state store at {report['state_file']} yet: the daemon has not run.")
 
@@ -64,10 +67,24 @@ def render_status(report: dict[str, Any]) -> str:
         table.add_row(state, str(report[state]["count"]), _human_bytes(report[state]["bytes"]))
     console.print(table)
     console.print(f"Oldest pending file: {_human_age(report['oldest_pending_age_seconds'])}")
+    _print_daemon(console, report["daemon"])
 
     _print_sources(console, report["sources"])
     _print_failed(console, report["failed_files"])
     return console.export_text().rstrip("\n")
+
+
+def _print_daemon(console: Console, daemon: dict[str, Any] | None) -> None:
+    if not daemon:
+        console.print("Daemon: no status written yet (not running, or just started)")
+        return
+    schedule = daemon.get("schedule", {})
+    window = "open" if schedule.get("window_open") else "closed"
+    console.print(
+        f"Daemon PID {daemon.get('pid')}: schedule {schedule.get('mode')}, next run"
+        f" {schedule.get('next_run') or 'none'}, operational window {window},"
+        f" {daemon.get('in_flight', 0)} uploads in flight"
+    )
 
 
 def _print_sources(console: Console, sources: dict[str, dict[str, int]]) -> None:
@@ -112,13 +129,3 @@ def _human_age(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-class _NullFile:
-    """A write target that drops output; the console only records it for export."""
-
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        return None

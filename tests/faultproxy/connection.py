@@ -229,10 +229,10 @@ class Connection:
             fault.status,
             fault.code,
         )
+        self._traffic.mark(request, status=fault.status, fault=fault_name)
         self._send_response_head(response, request)
         if request.method != "HEAD":
             self._send_client(body)
-        self._traffic.mark(request, status=fault.status, fault=fault_name)
         return keep_alive
 
     def _hold(self, head: MessageHead, request: RequestRecord, fault: StallFault) -> bool:
@@ -256,6 +256,8 @@ class Connection:
             mid_body = self._faults.take(MidBodyFault, request)
             self._cut_budget = None if mid_body is None else mid_body.after_bytes
 
+        # NOTE: the whole body is sent before the response is read. If the server answers
+        # early and closes, the client gets a closed connection instead of that answer.
         self._send_continue(head)
         self._send_upstream(head.without("expect").encode())
         self._relay_request_body(head, request, self._send_upstream)
@@ -294,8 +296,8 @@ class Connection:
             raise Disconnected("upstream server closed the connection before responding")
 
         status = response_status(head)
-        self._send_response_head(head, request)
         self._traffic.mark(request, status=status)
+        self._send_response_head(head, request)
 
         keep_alive = request_head.keeps_alive() and head.keeps_alive()
         reader = self._upstream_reader

@@ -199,6 +199,46 @@ class QueueStore(Database):
             for row in rows
         ]
 
+    def retry_failed(self) -> int:
+        """Put every ``failed`` row back to ``pending``, due now; return how many.
+
+        Attempts are kept, so each such file gets one more attempt before it
+        is ``failed`` again: this is how a scheduled run retries failed files.
+        """
+        with self.transaction("queue failed files again") as conn:
+            cursor = conn.execute(
+                "UPDATE files SET state = ?, next_attempt_at = NULL, updated_at = ? WHERE state = ?",
+                (FileState.PENDING.value, self._clock(), FileState.FAILED.value),
+            )
+        return cursor.rowcount
+
+    def claim_paths(self, paths: list[Path], now: float) -> list[FileRecord]:
+        """Mark the due ``pending`` rows of ``paths`` ``uploading`` and return them.
+
+        Used when batch upload is off: a file that just became ready is
+        uploaded alone, and the rest of the queue waits for a scheduled run.
+        """
+        if not paths:
+            return []
+
+        marks = ",".join("?" for _ in paths)
+        with self.transaction("claim ready files") as conn:
+            rows = conn.execute(
+                f"SELECT {FILE_COLUMNS} FROM files WHERE path IN ({marks}) AND state = ?"
+                " AND (next_attempt_at IS NULL OR next_attempt_at <= ?)",
+                (*[str(path) for path in paths], FileState.PENDING.value, now),
+            ).fetchall()
+            updated_at = self._clock()
+            conn.executemany(
+                "UPDATE files SET state = ?, updated_at = ? WHERE id = ?",
+                [(FileState.UPLOADING.value, updated_at, row["id"]) for row in rows],
+            )
+
+        return [
+            replace(record_from_row(row), state=FileState.UPLOADING, updated_at=updated_at)
+            for row in rows
+        ]
+
     def has_pending(self, now: float | None = None) -> bool:
         """Return True if a pending row exists; with ``now``, only a row due by then counts."""
         due = now is not None
