@@ -122,7 +122,7 @@ def write_sample_tree(tree: Path, seconds: float) -> None:
 
 def run_daemon(config: Path, seconds: float) -> None:
     tvm = shutil.which("tvm-upload", path=str(Path(sys.executable).parent)) or "tvm-upload"
-    daemon = subprocess.Popen([tvm, "run", "--config", str(config)])
+    daemon = subprocess.Popen([tvm, "run", "--config", str(config)], env=local_credentials())
     print(f"tvm-upload is running (PID {daemon.pid}) for {seconds:.0f} s ...")
     try:
         daemon.wait(timeout=seconds)
@@ -132,10 +132,21 @@ def run_daemon(config: Path, seconds: float) -> None:
     print(f"tvm-upload exited with code {daemon.returncode}")
 
 
+def local_credentials() -> dict[str, str]:
+    """Return an environment with throwaway keys: the local SeaweedFS accepts any signature."""
+    env = dict(os.environ)
+    env.update(
+        AWS_ACCESS_KEY_ID="demo-access-key",
+        AWS_SECRET_ACCESS_KEY="demo-secret-key",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    return env
+
+
 def show_results(config: Path, endpoint: str) -> None:
     tvm = shutil.which("tvm-upload", path=str(Path(sys.executable).parent)) or "tvm-upload"
     print("\n$ tvm-upload status --config", config)
-    subprocess.run([tvm, "status", "--config", str(config)], check=False)
+    subprocess.run([tvm, "status", "--config", str(config)], check=False, env=local_credentials())
 
     print(f"\nObjects in s3://{BUCKET}:")
     client = s3_client(endpoint)

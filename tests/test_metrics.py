@@ -59,9 +59,9 @@ def test_count_deletion_by_policy(store: StateStore) -> None:
     count_deletion(store, "emergency")
 
     counters = store.counters()
-    assert counters["files_deleted.after_upload"] == 1
-    assert counters["files_deleted.age"] == 1
-    assert counters["files_deleted.emergency"] == 2
+    assert counters["files_deleted_after_upload"] == 1
+    assert counters["files_deleted_age"] == 1
+    assert counters["files_deleted_emergency"] == 2
     assert counters[DATA_LOSS_FILES] == 1
 
 

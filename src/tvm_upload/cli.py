@@ -68,6 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["after-upload", "age", "emergency"],
         help="run only this rule (default: every enabled rule)",
     )
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check configuration, credentials, bucket, clock, state store, inotify and disks",
+    )
+    _add_config(doctor)
+    doctor.add_argument("--json", action="store_true", help="print one JSON document")
+
+    alarms = commands.add_parser("alarms", help="manage the standard CloudWatch alarms")
+    alarm_commands = alarms.add_subparsers(dest="alarm_command", metavar="ACTION", required=True)
+    create = alarm_commands.add_parser("create", help="create or update the standard alarms")
+    _add_config(create)
+    create.add_argument("--sns-topic", help="SNS topic ARN notified when an alarm changes state")
+    create.add_argument("--endpoint-url", help="CloudWatch endpoint (default: the region's)")
     return parser
 
 
@@ -103,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _status,
         "upload-now": _upload_now,
         "cleanup": _cleanup,
+        "doctor": _doctor,
+        "alarms": _alarms,
     }[args.command]
     try:
         return handler(args)
@@ -164,6 +180,25 @@ def _cleanup(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     with StateStore(config.state_file) as store:
         return cleanup_command(config, store, args.policy, args.dry_run, sys.stdout)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from tvm_upload.doctor import doctor_exit_code, render_checks, render_checks_json, run_doctor
+
+    checks = run_doctor(args.config)
+    print(render_checks_json(checks) if args.json else render_checks(checks))
+    return doctor_exit_code(checks)
+
+
+def _alarms(args: argparse.Namespace) -> int:
+    from tvm_upload.alarms import create_alarms
+    from tvm_upload.cloudwatch import build_cloudwatch_client
+
+    config = load_config(args.config)
+    client = build_cloudwatch_client(config, endpoint_url=args.endpoint_url)
+    for name in create_alarms(config, client, sns_topic_arn=args.sns_topic):
+        print(f"created or updated alarm {name}")
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

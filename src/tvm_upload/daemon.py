@@ -24,6 +24,7 @@ from tvm_upload.dispatcher import Dispatcher
 from tvm_upload.intake import Intake, directory_of, import_legacy_state
 from tvm_upload.notify import Notifier
 from tvm_upload.reload import ReloadPlan, load_reload
+from tvm_upload.reporting import MetricsReporter
 from tvm_upload.retention import Retention
 from tvm_upload.safety import DeletionRule
 from tvm_upload.schedule import DrainScope, Trigger, build_trigger
@@ -139,11 +140,15 @@ class Daemon:
 
         uploader = self._uploader or Uploader.from_config(config)
         self.intake = Intake(config, self.store, self.clock)
-        self.dispatcher = Dispatcher(config, self.store, uploader, self.clock)
+        self.metrics = MetricsReporter(config, self.store, self.clock)
+        self.dispatcher = Dispatcher(
+            config, self.store, uploader, self.clock, on_upload=self.metrics.observe_upload
+        )
         self.retention = Retention(config, self.store, in_flight=self.dispatcher.in_flight_paths)
         self.watcher = Watcher(config.log_directories, self.intake.on_event)
         self.watcher.start()
         self._start_control()
+        self.metrics.start()
 
         self._scan("Startup scan")
         if self.trigger.on_start():
@@ -247,11 +252,30 @@ class Daemon:
             self.dispatcher.request_drain(include_failed=True)
 
     def _on_files_ready(self, ready: list[Path], now: Any) -> None:
-        scope = self.trigger.on_ready(now)
+        """Release files that just became ready, as the trigger decides.
+
+        A file last modified before this process started belongs to the
+        backlog found at start, so ``upload_on_start`` decides for it instead
+        of the window: it joins the start drain, or waits for a scheduled run
+        or upload-now.
+        """
+
+        def modified_before_start(path: Path) -> bool:
+            try:
+                return path.lstat().st_mtime_ns / 1e9 < self._started_at
+            except OSError:
+                return False
+
+        backlog = [path for path in ready if modified_before_start(path)]
+        if backlog and self.trigger.on_start():
+            self.dispatcher.request_drain()
+
+        fresh = [path for path in ready if path not in backlog]
+        scope = self.trigger.on_ready(now) if fresh else DrainScope.NONE
         if scope is DrainScope.QUEUE:
             self.dispatcher.request_drain()
         elif scope is DrainScope.FILE:
-            self.dispatcher.request_paths(ready)
+            self.dispatcher.request_paths(fresh)
 
     def _observe_changed(self) -> None:
         """Watch files that changed during their upload until they are stable again."""
@@ -298,6 +322,7 @@ class Daemon:
         self.intake.apply_config(config)
         self.dispatcher.apply_config(config, uploader)
         self.retention.apply_config(config)
+        self.metrics.reconfigure(config)
         self.watcher.update(config.log_directories)
         if plan.trigger_changed:
             self.trigger = build_trigger(config)
@@ -345,5 +370,7 @@ class Daemon:
                 stats.uploaded_files,
                 stats.uploaded_bytes,
             )
+        if hasattr(self, "metrics"):
+            self.metrics.stop()
         if hasattr(self, "store"):
             self.store.close()

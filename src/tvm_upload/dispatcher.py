@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from tvm_upload.backoff import backoff_seconds
 from tvm_upload.clock import Clock
 from tvm_upload.config import Config
 from tvm_upload.errors import FileChangedError, FileVanishedError, UploadError
+from tvm_upload.metrics import count_failed_attempt, count_upload
 from tvm_upload.state import FileRecord, StateStore
 from tvm_upload.uploader import Uploader, UploadRequest, UploadResult
 
@@ -42,6 +44,7 @@ class _QueuePause:
     """A pause of the whole queue after an error that every upload would hit."""
 
     until_monotonic: float = 0.0
+    began_monotonic: float = -1.0
     consecutive: int = 0
     last_message: str = ""
 
@@ -63,6 +66,7 @@ class Dispatcher:
     clock: Clock
     rng: random.Random = field(default_factory=random.Random)
     stats: DispatchStats = field(default_factory=DispatchStats)
+    on_upload: Callable[[float, int], None] | None = None
 
     def __post_init__(self) -> None:
         self._pool = ThreadPoolExecutor(
@@ -176,7 +180,7 @@ class Dispatcher:
         if error is None:
             self._record_success(running.record, running.future.result())
         elif isinstance(error, UploadError):
-            self._record_failure(running.record, error)
+            self._record_failure(running.record, error, running.started_monotonic)
         else:
             logger.exception(
                 "Upload of %s failed unexpectedly", running.record.path, exc_info=error
@@ -203,6 +207,9 @@ class Dispatcher:
 
         self.stats.uploaded_files += 1
         self.stats.uploaded_bytes += result.size
+        count_upload(self.store, result.size)
+        if self.on_upload is not None:
+            self.on_upload(result.seconds, result.size)
         rate = result.size / MIB / result.seconds if result.seconds > 0 else 0.0
         logger.info(
             "Uploaded %s to %s (%d bytes, %.2f s, %.1f MB/s)",
@@ -213,7 +220,15 @@ class Dispatcher:
             rate,
         )
 
-    def _record_failure(self, record: FileRecord, error: UploadError) -> None:
+    def _record_failure(
+        self, record: FileRecord, error: UploadError, started_monotonic: float = 0.0
+    ) -> None:
+        """Record a failed attempt.
+
+        A queue-wide error pauses the queue once per episode: uploads that
+        started before the current pause fail the same way and do not
+        lengthen it.
+        """
         if isinstance(error, FileVanishedError):
             logger.info("Removed %s from the queue: %s", record.path, error)
             self.store.remove(record.id)
@@ -236,7 +251,8 @@ class Dispatcher:
 
         if error.scope == "queue":
             self.store.release(record.id)
-            self._pause_queue(error)
+            if started_monotonic >= self._pause.began_monotonic:
+                self._pause_queue(error)
             return
 
         self._charge_attempt(record, error)
@@ -245,6 +261,7 @@ class Dispatcher:
         attempt = record.attempts + 1
         limit = self.config.upload.max_attempts
         self.stats.failed_attempts += 1
+        count_failed_attempt(self.store)
 
         if attempt >= limit or not error.retryable:
             self.store.mark_failed(record.id, str(error))
@@ -271,7 +288,8 @@ class Dispatcher:
     def _pause_queue(self, error: UploadError) -> None:
         self._pause.consecutive += 1
         delay = self._backoff(self._pause.consecutive)
-        self._pause.until_monotonic = self.clock.monotonic() + delay
+        self._pause.began_monotonic = self.clock.monotonic()
+        self._pause.until_monotonic = self._pause.began_monotonic + delay
 
         message = str(error)
         level = logging.ERROR if message != self._pause.last_message else logging.WARNING

@@ -28,6 +28,7 @@ LOOPBACK = "127.0.0.1"
 GRPC_PORT_OFFSET = 10000
 STARTUP_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 10.0
+TERM_GRACE_SECONDS = 3.0
 
 
 def find_weed() -> str:
@@ -126,7 +127,11 @@ class SeaweedServer:
         ]
         with open(self.data_dir / "weed.log", "ab") as log:
             self.process = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=_server_environment(),
             )
 
     def _wait_until_up(self, timeout_seconds: float) -> bool:
@@ -155,10 +160,22 @@ class SeaweedServer:
 
         os.kill(self.process.pid, signal.SIGTERM)
         try:
-            self.process.wait(STOP_TIMEOUT_SECONDS)
+            self.process.wait(TERM_GRACE_SECONDS)
         except subprocess.TimeoutExpired:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait(STOP_TIMEOUT_SECONDS)
+
+
+def _server_environment() -> dict[str, str]:
+    """Return the environment for ``weed``: no AWS variables, one volume per bucket.
+
+    SeaweedFS reads AWS credentials from its environment and would then
+    reject requests signed with other keys. By default it creates 7 volumes
+    per bucket, which exhausts ``-volume.max`` after about 14 buckets.
+    """
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    env["WEED_MASTER_VOLUME_GROWTH_COPY_1"] = "1"
+    return env
 
 
 def s3_client(endpoint_url: str):  # type: ignore[no-untyped-def]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import final
+from typing import TypeVar, final
 
 from tvm_upload.checksums import ChecksumKind
 from tvm_upload.errors import FileChangedError, FileVanishedError, UploadError
@@ -28,6 +28,8 @@ from tvm_upload.files import FileIdentity
 MiB = 1024 * 1024
 READ_CHUNK_BYTES = 1 * MiB
 """Buffer of the digest pass; large enough that hashlib releases the GIL for most of it."""
+
+Result = TypeVar("Result")
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -273,3 +275,27 @@ class PartReader:
         if self._digested != self._length:
             return None
         return self._digest.digest()
+
+    def send(self, request: Callable[[PartReader], Result], expected: bytes, what: str) -> Result:
+        """Call ``request`` with this reader as its body, then compare the bytes read.
+
+        ``expected`` is the digest from the first read pass, which the request also
+        sends for the store to verify. Raises FileChangedError when the bytes read
+        differ from it, also when the store rejected the request because of that.
+        """
+        try:
+            response = request(self)
+        except Exception as exc:
+            if self.digest() not in (None, expected):
+                raise self._changed(what) from exc
+            raise
+
+        if self.digest() not in (None, expected):
+            raise self._changed(what)
+        return response
+
+    def _changed(self, what: str) -> FileChangedError:
+        return FileChangedError(
+            f"log file {self._log_file.path} changed during upload: {what} differs "
+            "from the first read"
+        )

@@ -37,7 +37,7 @@ def files_deleted_counter(policy: str) -> str:
     """Return the counter name of files deleted by a retention ``policy``."""
     if policy not in DELETION_POLICIES:
         raise ValueError(f"unknown deletion policy {policy!r}; use one of {DELETION_POLICIES}")
-    return f"files_deleted.{policy}"
+    return f"files_deleted_{policy}"
 
 
 COUNTERS = (

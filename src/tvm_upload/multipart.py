@@ -8,11 +8,11 @@ kept only when it is proven to hold the same bytes: its ETag and checksum match 
 journal's record and the file's digest, or its ETag equals the MD5 of the file's
 part.
 
-Parts are sent one after another. Each part is read into memory once, its checksum
-is computed from those bytes and sent with them, so memory per upload is one part.
-The file's content was read once before (``read_digests``) for the SHA-256 in the
-object metadata; a part whose digest differs between the two reads means the file
-changed, and the upload is aborted.
+Parts are sent one after another, each streamed from the file. The checksum in each
+UploadPart request comes from the first read pass (``read_digests``), the one that
+also computed the SHA-256 for the object metadata, so the store's verification proves
+that the bytes sent are the bytes hashed. A part whose bytes differ between the two
+reads means the file changed: FileChangedError, and the upload is aborted.
 """
 
 from __future__ import annotations
@@ -27,7 +27,13 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from tvm_upload.checksums import ChecksumKind, encode
 from tvm_upload.errors import FileChangedError, FileVanishedError, UploadError
-from tvm_upload.logfile import ContentDigests, LogFile, UploadStoppedError, part_spans
+from tvm_upload.logfile import (
+    ContentDigests,
+    LogFile,
+    PartReader,
+    UploadStoppedError,
+    part_spans,
+)
 from tvm_upload.s3client import S3Client, classify_error
 
 logger = logging.getLogger(__name__)
@@ -350,22 +356,19 @@ class MultipartTransfer:
         if self.should_stop is not None and self.should_stop():
             raise UploadStoppedError(f"upload of {self.log_file.path} stopped before part {number}")
 
-        data = self.log_file.read(offset, length)
-        digest = self.kind.new()
-        digest.update(data)
-        if digest.digest() != expected:
-            raise FileChangedError(
-                f"log file {self.log_file.path} changed during upload: part {number} differs "
-                "from the first read"
-            )
-
-        response = self.target.client.upload_part(
-            Bucket=self.target.bucket,
-            Key=self.target.key,
-            UploadId=self.upload_id,
-            PartNumber=number,
-            Body=data,
-            **self.kind.request_arguments(expected),
+        body = PartReader(self.log_file, offset, length, self.kind)
+        response = body.send(
+            lambda reader: self.target.client.upload_part(
+                Bucket=self.target.bucket,
+                Key=self.target.key,
+                UploadId=self.upload_id,
+                PartNumber=number,
+                Body=reader,
+                ContentLength=length,
+                **self.kind.request_arguments(expected),
+            ),
+            expected,
+            f"part {number}",
         )
         checksum = encode(expected)
         if self.journal is not None:

@@ -92,7 +92,8 @@ def _error_response(
 class Connection:
     """One client connection and its upstream connection, served by one thread.
 
-    Other threads may only call ``kill``; every other method runs in the serving thread.
+    Only ``kill`` may be called from other threads. Every other method runs in the serving
+    thread.
     """
 
     def __init__(
@@ -152,7 +153,7 @@ class Connection:
         self._upstream_reader = None
 
     def _serve_request(self) -> bool:
-        """Serve one request; return whether the connection stays open for another."""
+        """Serve one request and return whether the connection stays open for another."""
         head = read_head(self._client_reader)
         if head is None:
             return False
@@ -214,7 +215,7 @@ class Connection:
         fault: ErrorFault,
         fault_name: str | None = "respond_error",
     ) -> bool:
-        """Answer with an S3 error and skip the body, unless the client still withholds it."""
+        """Send an S3 error response and skip the body, unless the client still withholds it."""
         expects_continue = (head.get("expect") or "").lower() == "100-continue"
         if not expects_continue:
             self._relay_request_body(head, request, discard)
@@ -223,7 +224,7 @@ class Connection:
         request_id = f"FAULTPROXY{next(_request_numbers):06d}"
         response, body = _error_response(fault, request, request_id, keep_alive)
         logger.info(
-            "Fault proxy answers %s %s with %d %s",
+            "Fault proxy responds to %s %s with %d %s",
             request.method,
             request.path,
             fault.status,
@@ -256,8 +257,8 @@ class Connection:
             mid_body = self._faults.take(MidBodyFault, request)
             self._cut_budget = None if mid_body is None else mid_body.after_bytes
 
-        # NOTE: the whole body is sent before the response is read. If the server answers
-        # early and closes, the client gets a closed connection instead of that answer.
+        # NOTE: the whole body is sent before the response is read. If the server responds
+        # early and closes, the client gets a closed connection instead of that response.
         self._send_continue(head)
         self._send_upstream(head.without("expect").encode())
         self._relay_request_body(head, request, self._send_upstream)

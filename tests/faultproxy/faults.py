@@ -50,7 +50,7 @@ FaultType = TypeVar("FaultType", bound=Fault)
 
 
 class Faults:
-    """Pending faults, each used up after ``remaining`` requests; thread-safe."""
+    """Thread-safe list of pending faults, each used up after ``remaining`` requests."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

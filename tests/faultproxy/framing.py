@@ -92,7 +92,7 @@ class ChunkedDecoder:
 
 
 class PayloadCounter:
-    """Counts object data in request body content, looking through aws-chunked framing."""
+    """Counter of object data in request body content, looking through aws-chunked framing."""
 
     def __init__(self, content_encoding: str, on_payload: Callable[[int], None]) -> None:
         self._on_payload = on_payload
@@ -114,7 +114,7 @@ class PayloadCounter:
 
 
 class MessageReader:
-    """Buffered reads from one socket that report the size of every receive."""
+    """Buffered reader of one socket that reports the size of every receive."""
 
     def __init__(self, sock: socket.socket, on_receive: Callable[[int], None]) -> None:
         self._sock = sock
@@ -142,7 +142,7 @@ class MessageReader:
         return line
 
     def read_some(self, limit: int) -> bytes:
-        """Return 1 to ``limit`` bytes; raise ``Disconnected`` at the end of the stream."""
+        """Return 1 to ``limit`` bytes, or raise ``Disconnected`` at the end of the stream."""
         if not self._buffer and not self._fill():
             raise Disconnected("peer closed the connection inside a message body")
 
@@ -202,7 +202,7 @@ class MessageHead:
 
 
 def read_head(reader: MessageReader) -> MessageHead | None:
-    """Read one message head; return None when the stream ends before its first byte."""
+    """Read one message head, or return None when the stream ends before its first byte."""
     line = reader.read_line()
     while line in (b"\r\n", b"\n"):
         line = reader.read_line()

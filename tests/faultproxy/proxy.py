@@ -55,7 +55,7 @@ class FaultProxy:
 
     @property
     def port(self) -> int:
-        """The listening port on 127.0.0.1; 0 until ``start()`` unless one was given."""
+        """The listening port on 127.0.0.1, which is 0 before ``start()`` unless one was given."""
         return self._port
 
     @property
@@ -144,8 +144,8 @@ class FaultProxy:
 
         A connection is chosen when it starts forwarding a request (that ``match`` accepts,
         if given). Its count starts with that request's head and runs on into later
-        requests on the same connection. The client sees a reset or closed connection and
-        the server sees a truncated request.
+        requests on the same connection. The client gets a reset or closed connection and
+        the server receives a truncated request.
         """
         if after_bytes < 0:
             raise ValueError(f"after_bytes must be 0 or more, got {after_bytes}")
@@ -168,7 +168,7 @@ class FaultProxy:
         times: int = 1,
         match: Matcher | None = None,
     ) -> None:
-        """Answer the next ``times`` requests that ``match`` accepts with an S3 XML error.
+        """Respond to the next ``times`` requests that ``match`` accepts with an S3 XML error.
 
         The request never reaches the server. Typical pairs: 503 SlowDown, 403
         AccessDenied, 404 NoSuchBucket, 403 InvalidAccessKeyId, 403 SignatureDoesNotMatch,
@@ -184,7 +184,7 @@ class FaultProxy:
         self._faults.add(DateFault(times, None, offset_seconds))
 
     def clear_faults(self) -> None:
-        """Drop every pending fault; a connection already chosen for one keeps it."""
+        """Drop every pending fault. A connection already chosen for a fault keeps it."""
         self._faults.clear()
 
     @property
