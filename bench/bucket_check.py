@@ -24,7 +24,7 @@ def identity_key(key: str) -> str:
 
 @dataclass
 class Delivery:
-    """What a bucket holds compared with what a dataset should have delivered."""
+    """Comparison of a bucket's objects with the files a dataset should have delivered."""
 
     expected_files: int
     found_objects: int

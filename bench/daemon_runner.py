@@ -1,10 +1,13 @@
 """Run ``tvm-upload run`` as a child: timed uploads, the startup scan, idle cost.
 
 The daemon keeps running after it has uploaded everything, so an upload
-run is timed from the start of the process until the bucket holds every
-object (listing it every ``POLL_SECONDS``); then the daemon gets SIGTERM.
-Its CPU time and peak RSS come from ``os.wait4`` after it exits, so they
-also cover start-up and shutdown.
+run is timed from the start of the process until its state store marks
+every file uploaded, which it does only after S3 confirmed the upload.
+The state store is read every ``POLL_SECONDS``, because listing the bucket
+that often would add load to the S3 server that shares the machine. The
+caller then lists the bucket to check the delivery. The daemon gets
+SIGTERM; its CPU time and peak RSS come from ``os.wait4`` after it exits,
+so they also cover start-up and shutdown.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ import re
 import sqlite3
 import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import yaml
-from bucket_check import BucketPool
 from dataset_builder import Dataset
 from measure import (
     ChildResult,
@@ -34,13 +37,14 @@ TVM_UPLOAD = Path(sys.executable).with_name("tvm-upload")
 VEHICLE_ID = "bench-vehicle"
 SOURCE = "bench"
 MAX_CONCURRENCY = 8
-POLL_SECONDS = 0.25
+POLL_SECONDS = 0.1
 LOG_POLL_SECONDS = 0.02
+IDLE_SETTLE_SECONDS = 2.0
 
-# NOTE: these match the daemon's INFO lines after its startup scan and once
-# it is fully started; the scan timing depends on them.
-SCAN_DONE = re.compile(r"Startup scan found (\d+) files")
+# NOTE: this matches the INFO line the daemon logs once start-up is over,
+# right after its startup scan; the scan timing depends on its wording.
 STARTED = re.compile(r"\bStarted: ")
+QUEUED_AT_START = re.compile(r"(\d+) files queued")
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 
@@ -60,16 +64,18 @@ class ScanProbe:
     """The daemon started on a tree whose every file is in the registry.
 
     ``scan_seconds`` runs from the process start to the log line that ends
-    the startup scan, ``scan_cpu_seconds`` is the CPU used until then.
-    ``logged_scan_seconds`` runs from the first log line to that line, by
-    the log's own timestamps, so it leaves out interpreter start-up and
-    imports; None if the timestamps cannot be read.
-    ``idle_cpu_seconds`` is the CPU used over ``idle_seconds`` once started.
+    start-up (right after the startup scan), ``scan_cpu_seconds`` is the
+    CPU used until then. ``logged_scan_seconds`` runs from the first log
+    line to that line, by the log's own timestamps, so it leaves out
+    interpreter start-up and imports; None if the timestamps cannot be read.
+    ``files_queued`` is the queue length the daemon logged at that point.
+    ``idle_cpu_seconds`` is the CPU used over ``idle_seconds``, measured from
+    ``IDLE_SETTLE_SECONDS`` after that line.
     """
 
     ok: bool
     note: str
-    files_found: int = 0
+    files_queued: int = 0
     scan_seconds: float = 0.0
     logged_scan_seconds: float | None = None
     scan_cpu_seconds: float = 0.0
@@ -110,7 +116,7 @@ def write_config(
 def daemon_key_to_path(key: str) -> str:
     """Map ``vehicle/date/source/relative`` back to the relative path.
 
-    The datasets hold plain ASCII names, which the key layout leaves as they are.
+    Dataset file names are plain ASCII, which the key layout leaves as it is.
     """
     parts = key.split("/", 3)
     return parts[3] if len(parts) == 4 else key
@@ -123,26 +129,26 @@ def daemon_argv(config: Path) -> list[str]:
 def run_upload(
     dataset: Dataset,
     bucket: str,
-    pool: BucketPool,
+    endpoint_url: str,
     env: dict[str, str],
     work_dir: Path,
     timeout_seconds: float,
     server_pid: int | None,
 ) -> DaemonUpload:
-    """Run the daemon on ``dataset`` until the bucket holds every file, then stop it."""
+    """Run the daemon on ``dataset`` until it has uploaded every file, then stop it."""
     config = write_config(
         work_dir / "config.yaml",
         root=dataset.root,
         bucket=bucket,
-        endpoint_url=pool.endpoint_url,
+        endpoint_url=endpoint_url,
         state_file=work_dir / "state.db",
     )
     log_path = work_dir / "daemon.log"
     server_cpu_start = _cpu_or_zero(server_pid)
     child = spawn(daemon_argv(config), env, log_path)
 
-    delivered_seconds, note = _wait_for_delivery(
-        child.pid, pool, bucket, dataset.file_count, child.started, timeout_seconds
+    delivered_seconds, note = _wait_for_uploaded_rows(
+        child.pid, work_dir / "state.db", dataset.file_count, child.started, timeout_seconds
     )
     server_cpu = _cpu_or_zero(server_pid) - server_cpu_start
     io = _io_or_empty(child.pid)
@@ -150,20 +156,34 @@ def run_upload(
     return DaemonUpload(result, delivered_seconds, server_cpu, io, note)
 
 
-def _wait_for_delivery(
-    pid: int, pool: BucketPool, bucket: str, expected: int, started: float, timeout: float
+def _wait_for_uploaded_rows(
+    pid: int, state_file: Path, expected: int, started: float, timeout: float
 ) -> tuple[float | None, str]:
-    """Poll the bucket until it holds ``expected`` objects; return (seconds, failure note)."""
+    """Poll the state store until ``expected`` rows are uploaded; return (seconds, failure note)."""
     deadline = started + timeout
+    uploaded = 0
     while time.monotonic() < deadline:
         if not is_running(pid):
             return None, "tvm-upload exited before it had uploaded every file"
-        if pool.count_objects(bucket) >= expected:
+        uploaded = count_uploaded_rows(state_file)
+        if uploaded >= expected:
             return time.monotonic() - started, ""
         time.sleep(POLL_SECONDS)
 
-    found = pool.count_objects(bucket)
-    return None, f"timed out after {timeout:.0f} s with {found}/{expected} objects uploaded"
+    return None, f"timed out after {timeout:.0f} s with {uploaded}/{expected} files uploaded"
+
+
+def count_uploaded_rows(state_file: Path) -> int:
+    """Count rows in state ``uploaded``, reading the store without writing; 0 before it exists."""
+    if not state_file.exists():
+        return 0
+    try:
+        with closing(sqlite3.connect(f"{state_file.as_uri()}?mode=ro", uri=True)) as conn:
+            row = conn.execute("SELECT count(*) FROM files WHERE state = 'uploaded'").fetchone()
+    except sqlite3.OperationalError:
+        # The daemon has created the file but not yet its tables, or holds a lock.
+        return 0
+    return int(row[0])
 
 
 def run_scan_probe(
@@ -204,24 +224,23 @@ def _observe_scan_and_idle(
     reader = LogFollower(log_path)
     deadline = started + timeout_seconds
 
-    scan_match = reader.wait_for(SCAN_DONE, pid, deadline)
-    if scan_match is None:
-        return ScanProbe(False, "no startup scan line: " + reader.tail())
+    started_match = reader.wait_for(STARTED, pid, deadline)
+    if started_match is None:
+        return ScanProbe(False, "no start-up line in the log: " + reader.tail())
     scan_seconds = time.monotonic() - started
     scan_cpu = process_cpu_seconds(pid)
+    queued = QUEUED_AT_START.search(started_match.string)
 
-    if reader.wait_for(STARTED, pid, deadline) is None:
-        return ScanProbe(False, "no start-up line after the scan: " + reader.tail())
-
+    time.sleep(IDLE_SETTLE_SECONDS)
     idle_start_cpu = process_cpu_seconds(pid)
     time.sleep(idle_seconds)
     idle_cpu = process_cpu_seconds(pid) - idle_start_cpu
     return ScanProbe(
         ok=True,
         note="",
-        files_found=int(scan_match.group(1)),
+        files_queued=int(queued.group(1)) if queued else 0,
         scan_seconds=scan_seconds,
-        logged_scan_seconds=_seconds_between(reader.lines[0], scan_match.string),
+        logged_scan_seconds=_seconds_between(reader.lines[0], started_match.string),
         scan_cpu_seconds=scan_cpu,
         idle_seconds=idle_seconds,
         idle_cpu_seconds=idle_cpu,
@@ -280,9 +299,9 @@ class LogFollower:
 def register_tree(dataset: Dataset, state_file: Path, object_key_prefix: str) -> None:
     """Fill a new state store with every file of ``dataset`` as uploaded, in one transaction.
 
-    The store is created by ``StateStore`` itself (schema and version); the
-    rows are inserted with plain SQL because one call per file, each synced
-    to disk, would take minutes for 100,000 files.
+    ``StateStore`` itself creates the store with its schema and version.
+    The rows are inserted with plain SQL, because one durable call per file
+    would take minutes for 100,000 files.
     """
     from tvm_upload.files import FileIdentity
     from tvm_upload.state import StateStore

@@ -2,8 +2,8 @@
 
 Each dataset is written once under ``.bench/data/<dirname>`` and reused by
 later runs. A manifest ``<dirname>.json`` beside the directory records the
-spec and every file with its size; it is written last, so a build that was
-interrupted is detected and redone.
+spec and every file with its size. It is written last, so a build that
+was interrupted is detected and redone.
 """
 
 from __future__ import annotations

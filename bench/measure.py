@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 STOP_TIMEOUT_SECONDS = 30.0
 LAUNCH_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass
 class ChildResult:
-    """How one child process ran. ``timed_out`` means it was killed at the deadline."""
+    """Measurements of one finished child process; ``timed_out`` if killed at the deadline."""
 
     exit_code: int
     wall_seconds: float
@@ -50,7 +49,7 @@ class ChildResult:
 PR_SET_CHILD_SUBREAPER = 36
 
 # The launcher shell starts the command in the background, prints its PID
-# and exits; the command is then reparented to this process (a subreaper),
+# and exits. The command is then reparented to this process (a subreaper),
 # which reaps it with wait4.
 LAUNCH_SCRIPT = 'log=$1; shift; "$@" </dev/null >>"$log" 2>&1 & echo $!'
 
@@ -75,11 +74,11 @@ def become_subreaper() -> None:
 def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> Child:
     """Start ``argv`` in a new session with stdout and stderr appended to ``log_path``.
 
-    The command is forked by a small ``/bin/sh``, not by this process. Linux
-    carries the parent's peak RSS into ``ru_maxrss`` of a child forked from
-    it, so a command forked from this Python process would report at least
-    this process's own RSS; forked from ``sh`` it reports its own (about
-    1 MiB is the floor).
+    The command is forked by a small ``/bin/sh``, not by this process.
+    Linux carries the parent's peak RSS into ``ru_maxrss`` of a child forked
+    from it. A command forked from this Python process would report at
+    least this process's own RSS. Forked from ``sh``, it reports its own,
+    with about 1 MiB as the floor.
     """
     become_subreaper()
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -258,7 +258,7 @@ def _scan_section(results: BenchResults) -> str:
     if probe is not None and probe.ok:
         rows.append(
             [
-                f"tvm-upload, process start to the end of its startup scan ({probe.files_found} new)",
+                f"tvm-upload, process start to the end of start-up ({probe.files_queued} queued)",
                 f"{probe.scan_seconds:.2f}",
                 f"{probe.scan_cpu_seconds:.2f}",
                 ratio_text(probe.scan_seconds, find_wall),
@@ -268,7 +268,7 @@ def _scan_section(results: BenchResults) -> str:
     if probe is not None and probe.ok and probe.logged_scan_seconds is not None:
         rows.append(
             [
-                "tvm-upload, first log line to the end of its startup scan",
+                "tvm-upload, first log line to the end of start-up",
                 f"{probe.logged_scan_seconds:.2f}",
                 "",
                 ratio_text(probe.logged_scan_seconds, find_wall),

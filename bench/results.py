@@ -20,7 +20,7 @@ class RunRecord:
     """One tool uploading one dataset once.
 
     A run that did not deliver every file with its size has ``ok`` False and
-    a ``note`` saying why; its figures are kept for the log but never timed.
+    a ``note`` saying why. Its figures are kept for the log but never timed.
     ``server_cpu_seconds`` is the CPU the S3 server used during the run.
     """
 

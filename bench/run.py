@@ -2,7 +2,7 @@
 
 Usage: ``.venv/bin/python bench/run.py [--quick] [--reps N] [--tools ...]``.
 
-Every tool uploads every dataset into a fresh bucket; the runs are
+Every tool uploads every dataset into a fresh bucket. The runs are
 interleaved (repetition 1 of every tool, then repetition 2, ...), and each
 repetition starts with a different tool. After each run the bucket is
 listed: a run that did not deliver every file with its size is marked
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from bucket_check import BucketPool, identity_key
 from daemon_runner import (
+    MAX_CONCURRENCY,
     DaemonUpload,
     daemon_key_to_path,
     register_tree,
@@ -44,6 +44,7 @@ logger = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[1]
 DAEMON = "tvm-upload"
+ALL_TOOLS = ("s5cmd", "rclone", "aws-cli", "boto3", DAEMON)
 TRANSFER_DATASETS = ("A", "B", "C")
 PAUSE_BETWEEN_RUNS_SECONDS = 1.0
 DEFAULT_SAMPLE_LOGS = REPO.parent / "shared" / "data" / "loghub"
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
     )
     parser.add_argument(
         "--tools",
-        default="s5cmd,rclone,aws-cli,boto3,tvm-upload",
+        default=",".join(ALL_TOOLS),
         help="comma-separated tools to compare (default: all)",
     )
     parser.add_argument(
@@ -93,22 +94,41 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
     parser.add_argument("--skip-state", action="store_true", help="skip the state store timings")
     args = parser.parse_args(argv)
 
+    tools = [tool.strip() for tool in args.tools.split(",") if tool.strip()]
+    datasets = [name.strip().upper() for name in args.datasets.split(",") if name.strip()]
+    unknown = [tool for tool in tools if tool not in ALL_TOOLS]
+    unknown += [name for name in datasets if name not in TRANSFER_DATASETS]
+    if unknown or not tools:
+        parser.error(
+            f"invalid --tools or --datasets value {', '.join(unknown) or '(empty)'}: tools are"
+            f" {', '.join(ALL_TOOLS)}, datasets {', '.join(TRANSFER_DATASETS)},"
+            " e.g. --tools s5cmd,tvm-upload --datasets A"
+        )
+
     reps = args.reps or (1 if args.quick else 3)
     return BenchOptions(
         quick=args.quick,
         reps=reps,
-        tools=[tool.strip() for tool in args.tools.split(",") if tool.strip()],
-        datasets=[name.strip().upper() for name in args.datasets.split(",") if name.strip()],
+        tools=tools,
+        datasets=datasets,
         work_dir=args.work_dir.resolve(),
         sample_logs=args.sample_logs,
         warm_cache=args.warm_cache,
         idle_seconds=10.0 if args.quick else 60.0,
         state_rows=100_000 if args.quick else 1_000_000,
-        state_operations=10_000,
+        state_operations=5_000 if args.quick else 10_000,
         skip_scan=args.skip_scan,
         skip_state=args.skip_state,
-        command=" ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+        command=" ".join([*command_prefix(), *(sys.argv[1:] if argv is None else argv)]),
     )
+
+
+def command_prefix() -> list[str]:
+    """Return the interpreter and script as typed from the repository root."""
+    paths = [Path(sys.executable), Path(sys.argv[0]).resolve()]
+    return [
+        str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path) for path in paths
+    ]
 
 
 class Bench:
@@ -142,7 +162,11 @@ class Bench:
         versions[DAEMON] = _daemon_version()
         tools = [tool for tool in cli_tools(self.venv) if tool.name in self.options.tools]
         settings = {tool.name: tool.settings for tool in tools}
-        settings[DAEMON] = "`tvm-upload run`, `upload.max_concurrency: 8`, `file_stable_seconds: 1`"
+        if DAEMON in self.options.tools:
+            settings[DAEMON] = (
+                f"`tvm-upload run`, `upload.max_concurrency: {MAX_CONCURRENCY}`,"
+                " `file_stable_seconds: 1`"
+            )
         self.cli_tools = tools
         self.results = BenchResults(
             options=self.options,
@@ -155,6 +179,9 @@ class Bench:
     def start_server(self) -> None:
         shutil.rmtree(self.server.data_dir, ignore_errors=True)
         self.server.start()
+        logger.info(
+            "SeaweedFS is up at %s (data in %s)", self.server.endpoint_url, self.server.data_dir
+        )
         self.pool = BucketPool(self.server.endpoint_url)
         self.env = tool_environment(self.work_dir, self.server.endpoint_url)
         self.pool.warm_up()
@@ -245,7 +272,13 @@ class Bench:
     def _run_daemon(self, dataset: Dataset, bucket: str, rep: int) -> RunRecord:
         work_dir = self.run_dir / f"rep{rep}-{dataset.spec.name}-{DAEMON}"
         upload: DaemonUpload = run_upload(
-            dataset, bucket, self.pool, self.env, work_dir, self._timeout(dataset), self.server_pid
+            dataset,
+            bucket,
+            self.server.endpoint_url,
+            self.env,
+            work_dir,
+            self._timeout(dataset),
+            self.server_pid,
         )
         note = upload.note
         if not note and upload.child.exit_code != 0:
@@ -336,6 +369,7 @@ def _daemon_version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("tvm_upload").setLevel(logging.WARNING)
     options = parse_args(argv)
     started = time.monotonic()
     bench = Bench(options)
@@ -361,5 +395,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
     sys.exit(main())

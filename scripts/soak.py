@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -74,8 +75,21 @@ def _write_config(work: Path, tree: Path, endpoint: str) -> Path:
         f"  - path: {tree / relative}\n    source: {source}" for source, relative in SOURCES.items()
     )
     path = work / "config.yaml"
-    path.write_text(CONFIG.format(directories=directories, bucket=BUCKET, endpoint=endpoint, work=work))
+    path.write_text(
+        CONFIG.format(directories=directories, bucket=BUCKET, endpoint=endpoint, work=work)
+    )
     return path
+
+
+def _local_credentials() -> dict[str, str]:
+    """Return an environment with throwaway keys: the local SeaweedFS accepts any signature."""
+    env = dict(os.environ)
+    env.update(
+        AWS_ACCESS_KEY_ID="soak",
+        AWS_SECRET_ACCESS_KEY="soak-secret",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    return env
 
 
 def _status(config: Path) -> dict[str, Any]:
@@ -119,7 +133,11 @@ def _tree_relative(key: str) -> str:
     return f"{SOURCES[source]}/{unescape_key(rest)}"
 
 
-def check(manifest: dict[str, Any], objects: dict[str, tuple[bytes, dict[str, str]]], status: dict[str, Any]) -> SoakReport:
+def check(
+    manifest: dict[str, Any],
+    objects: dict[str, tuple[bytes, dict[str, str]]],
+    status: dict[str, Any],
+) -> SoakReport:
     """Compare the simulator's manifest and the daemon's status with the bucket."""
     report = SoakReport(objects=len(objects))
     by_path: dict[str, list[str]] = {}
@@ -142,9 +160,13 @@ def check(manifest: dict[str, Any], objects: dict[str, tuple[bytes, dict[str, st
 
     bucket_bytes = sum(len(body) for body, _ in objects.values())
     if status["uploaded"]["count"] != len(objects):
-        report.problems.append(f"status counts {status['uploaded']['count']} uploaded files, the bucket holds {len(objects)}")
+        report.problems.append(
+            f"status counts {status['uploaded']['count']} uploaded files, the bucket holds {len(objects)}"
+        )
     if status["uploaded"]["bytes"] != bucket_bytes:
-        report.problems.append(f"status counts {status['uploaded']['bytes']} uploaded bytes, the bucket holds {bucket_bytes}")
+        report.problems.append(
+            f"status counts {status['uploaded']['bytes']} uploaded bytes, the bucket holds {bucket_bytes}"
+        )
     return report
 
 
@@ -160,12 +182,27 @@ def run_soak(minutes: float, work: Path, speed: float = 1.0) -> SoakReport:
         config = _write_config(work, tree, server.endpoint_url)
         log = (work / "daemon.log").open("wb")
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "tvm_upload", "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "tvm_upload", "run", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_local_credentials(),
         )
         manifest_path = work / "manifest.json"
         subprocess.run(
-            [sys.executable, str(SIMULATOR), "--root", str(tree), "--duration", str(minutes * 60 * speed),
-             "--speed", str(speed), "--finalize", "--quiet", "--manifest", str(manifest_path)],
+            [
+                sys.executable,
+                str(SIMULATOR),
+                "--root",
+                str(tree),
+                "--duration",
+                str(minutes * 60 * speed),
+                "--speed",
+                str(speed),
+                "--finalize",
+                "--quiet",
+                "--manifest",
+                str(manifest_path),
+            ],
             check=True,
         )
         _wait_for_drain(config, timeout_seconds=300)
@@ -180,10 +217,16 @@ def run_soak(minutes: float, work: Path, speed: float = 1.0) -> SoakReport:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Soak-test tvm-upload against a live vehicle log tree.")
+    parser = argparse.ArgumentParser(
+        description="Soak-test tvm-upload against a live vehicle log tree."
+    )
     parser.add_argument("--minutes", type=float, default=10.0, help="how long the simulator writes")
-    parser.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall-clock second")
-    parser.add_argument("--work", type=Path, default=REPO / ".soak", help="work directory (erased first)")
+    parser.add_argument(
+        "--speed", type=float, default=1.0, help="simulated seconds per wall-clock second"
+    )
+    parser.add_argument(
+        "--work", type=Path, default=REPO / ".soak", help="work directory (erased first)"
+    )
     args = parser.parse_args()
     if not SIMULATOR.exists():
         print(f"{SIMULATOR} not found: the soak test needs ../shared", file=sys.stderr)

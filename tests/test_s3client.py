@@ -334,7 +334,7 @@ def test_real_no_such_bucket(seaweed: SeaweedServer) -> None:
 
 
 def test_real_put_to_missing_bucket(seaweed: SeaweedServer, tmp_path: Path) -> None:
-    """SeaweedFS answers a PutObject to a missing bucket with AccessDenied, AWS with NoSuchBucket."""
+    """SeaweedFS rejects a PutObject to a missing bucket with AccessDenied, AWS with NoSuchBucket."""
     path = write_log(tmp_path, "a.log", 10)
     uploader = make_uploader(seaweed.endpoint_url, "no-such-bucket-here")
 
@@ -374,7 +374,7 @@ def test_real_connection_refused(tmp_path: Path) -> None:
 
 
 def test_real_read_timeout(tmp_path: Path) -> None:
-    """A server that accepts connections and never answers gives a read timeout."""
+    """A server that accepts connections and never responds causes a read timeout."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
@@ -469,7 +469,7 @@ def test_real_bad_digest_and_no_such_upload(seaweed: SeaweedServer, bucket: str)
 
 
 class _CannedErrorHandler(BaseHTTPRequestHandler):
-    """Answers every request with the status and S3 error code of its server."""
+    """Returns the status and S3 error code of its server for every request."""
 
     def _answer(self, with_body: bool) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -533,3 +533,14 @@ def test_real_head_forbidden_is_queue_error(canned_server: ThreadingHTTPServer) 
 
     assert raised.value.code == "403"
     assert raised.value.scope == "queue"
+
+
+def test_small_threshold_lowers_part_size() -> None:
+    upload_section = SimpleNamespace(multipart_threshold_mb=5)
+
+    settings = UploaderSettings.from_objects(
+        SimpleNamespace(bucket="logs", region="us-east-1"), upload_section
+    )
+
+    assert settings.multipart_threshold_bytes == 5 * MiB
+    assert settings.min_part_size_bytes == 5 * MiB

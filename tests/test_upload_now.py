@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from daemon_process import bucket_keys, wait_for
 from trigger_support import TestDaemon, run_cli, upload_settings, write_files
 

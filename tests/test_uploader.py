@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import stat
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -24,7 +24,6 @@ from upload_support import (
 
 from tvm_upload.checksums import crc32c_available
 from tvm_upload.errors import FileChangedError, FileVanishedError, UploadError
-from tvm_upload.files import FileIdentity
 from tvm_upload.keys import build_key, unescape_key
 from tvm_upload.localserver import SeaweedServer
 from tvm_upload.uploader import UploadStoppedError, format_mtime
@@ -407,14 +406,6 @@ def test_unreadable_file(prefix: str, seaweed: SeaweedServer, bucket: str, tmp_p
     assert raised.value.retryable is True
 
 
-def test_identity_of_fifo_is_not_regular(tmp_path: Path) -> None:
-    fifo = tmp_path / "pipe"
-    os.mkfifo(fifo)
-
-    assert not stat.S_ISREG(os.lstat(fifo).st_mode)
-    assert FileIdentity.of(fifo).size == 0
-
-
 @pytest.mark.parametrize(
     ("mtime_ns", "text"),
     [
@@ -425,3 +416,21 @@ def test_identity_of_fifo_is_not_regular(tmp_path: Path) -> None:
 )
 def test_format_mtime(mtime_ns: int, text: str) -> None:
     assert format_mtime(mtime_ns) == text
+
+
+def test_concurrent_uploads_share_one_uploader(
+    prefix: str, seaweed: SeaweedServer, bucket: str, s3: Any, tmp_path: Path
+) -> None:
+    uploader = make_uploader(seaweed.endpoint_url, bucket, max_concurrency=4)
+    sizes = [100, 4 * MiB + 1, 6 * MiB, 11 * MiB]
+    paths = [write_log(tmp_path, f"f{n}.mcap", size) for n, size in enumerate(sizes)]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(
+            pool.map(lambda path: uploader.upload(request_for(path, prefix + path.name)), paths)
+        )
+
+    for path, result in zip(paths, results):
+        assert result.sha256 == file_sha256(path)
+        assert object_sha256(s3, bucket, prefix + path.name) == result.sha256
+    uploader.close()

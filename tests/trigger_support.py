@@ -25,8 +25,8 @@ CLI_TIMEOUT_SECONDS = 60.0
 def window_around_now(*, open_now: bool, zone: str = ZONE) -> dict[str, Any]:
     """Return an operational window that is open (or closed) for the next hour of the real clock.
 
-    An open window runs from one hour ago to one hour ahead; a closed one
-    from two to three hours ahead, both as wall times in ``zone``.
+    An open window runs from one hour ago to one hour ahead. A closed one runs
+    from two to three hours ahead. Both are wall times in ``zone``.
     """
     now = dt.datetime.now(zoneinfo.ZoneInfo(zone))
     offsets = (-1, 1) if open_now else (2, 3)
@@ -76,6 +76,10 @@ class TestDaemon(DaemonProcess):
     def reload(self, bucket: str, **config: Any) -> str:
         """Rewrite the configuration, send SIGHUP and return the log lines the reload wrote."""
         self.write(bucket, **config)
+        return self.send_reload()
+
+    def send_reload(self) -> str:
+        """Send SIGHUP and return the log lines written until the reload's outcome."""
         before = len(self.log.splitlines())
         assert self.process is not None
         self.process.send_signal(signal.SIGHUP)
@@ -119,6 +123,7 @@ def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tvm_upload", command, "--config", str(config), *rest],
         capture_output=True,
+        check=False,
         text=True,
         timeout=CLI_TIMEOUT_SECONDS,
         env={**os.environ, "COLUMNS": "120"},

@@ -29,7 +29,7 @@ def row_identity(number: int) -> FileIdentity:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[StateStore]:
-    """A state store whose registry holds ``REGISTRY_ROWS`` uploaded rows.
+    """A state store with ``REGISTRY_ROWS`` uploaded rows in its registry.
 
     The rows are inserted with one SQL transaction, which is much faster
     than one durable ``enqueue`` and ``mark_uploaded`` per row.

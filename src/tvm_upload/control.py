@@ -48,6 +48,9 @@ class _RequestHandler(socketserver.StreamRequestHandler):
             response = self.server.dispatch(request)
         except (ValueError, TypeError, KeyError) as error:
             response = {"ok": False, "error": str(error)}
+        except Exception:
+            logger.exception("Control request %r failed", line[:200])
+            response = {"ok": False, "error": "the daemon failed to handle the request"}
         self.wfile.write(json.dumps(response).encode() + b"\n")
 
 
@@ -120,8 +123,15 @@ def send_request(path: Path, request: dict[str, Any]) -> dict[str, Any]:
         raise ConnectionError(
             f"permission denied on {path}: run this command as the daemon's user or root"
         ) from error
+    except TimeoutError as error:
+        raise ConnectionError(
+            f"the daemon at {path} did not reply within {CLIENT_TIMEOUT_SECONDS:.0f} s"
+        ) from error
 
-    response = json.loads(reply)
+    try:
+        response = json.loads(reply)
+    except ValueError:
+        response = None
     if not isinstance(response, dict):
-        raise ConnectionError(f"unexpected reply from {path}: {reply!r}")
+        raise ConnectionError(f"invalid reply from the daemon at {path}: {reply!r}")
     return response

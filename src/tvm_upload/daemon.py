@@ -23,7 +23,7 @@ from tvm_upload.daemonstatus import write_daemon_status
 from tvm_upload.dispatcher import Dispatcher
 from tvm_upload.intake import Intake, directory_of, import_legacy_state
 from tvm_upload.notify import Notifier
-from tvm_upload.reload import ReloadPlan, load_reload
+from tvm_upload.reload import ReloadPlan, load_reload, rescope_files
 from tvm_upload.reporting import MetricsReporter
 from tvm_upload.retention import Retention
 from tvm_upload.safety import DeletionRule
@@ -254,19 +254,11 @@ class Daemon:
     def _on_files_ready(self, ready: list[Path], now: Any) -> None:
         """Release files that just became ready, as the trigger decides.
 
-        A file last modified before this process started belongs to the
-        backlog found at start, so ``upload_on_start`` decides for it instead
-        of the window: it joins the start drain, or waits for a scheduled run
-        or upload-now.
+        For the backlog found at start, ``upload_on_start`` decides instead
+        of the window: those files join the start drain, or wait for a
+        scheduled run or upload-now.
         """
-
-        def modified_before_start(path: Path) -> bool:
-            try:
-                return path.lstat().st_mtime_ns / 1e9 < self._started_at
-            except OSError:
-                return False
-
-        backlog = [path for path in ready if modified_before_start(path)]
+        backlog = self._take_start_backlog(ready)
         if backlog and self.trigger.on_start():
             self.dispatcher.request_drain()
 
@@ -276,6 +268,28 @@ class Daemon:
             self.dispatcher.request_drain()
         elif scope is DrainScope.FILE:
             self.dispatcher.request_paths(fresh)
+
+    def _take_start_backlog(self, ready: list[Path]) -> set[Path]:
+        """Return the files of ``ready`` that the startup scan found and that did not change since.
+
+        The startup scan's files are those tracked when the first file
+        becomes ready or the first reload comes, whichever is first, less
+        any modified after the start.
+        """
+        backlog: set[Path] | None = getattr(self, "_start_backlog", None)
+        if backlog is None:
+            backlog = set(self.intake.stability.tracked()) | set(ready)
+            self._start_backlog = backlog
+
+        def unchanged_since_start(path: Path) -> bool:
+            try:
+                return path.lstat().st_mtime_ns / 1e9 < self._started_at
+            except OSError:
+                return False
+
+        ready_backlog = {path for path in ready if path in backlog and unchanged_since_start(path)}
+        backlog.difference_update(ready)
+        return ready_backlog
 
     def _observe_changed(self) -> None:
         """Watch files that changed during their upload until they are stable again."""
@@ -316,19 +330,24 @@ class Daemon:
         self.notifier.ready()
 
     def _apply(self, plan: ReloadPlan) -> None:
+        """Switch every component to the validated new configuration; uploads in flight go on."""
+        self._take_start_backlog([])
         config = plan.config
-        uploader = Uploader.from_config(config) if plan.s3_changed else None
         self.config = config
         self.intake.apply_config(config)
-        self.dispatcher.apply_config(config, uploader)
+        self.dispatcher.apply_config(config, plan.uploader)
         self.retention.apply_config(config)
         self.metrics.reconfigure(config)
         self.watcher.update(config.log_directories)
+        if plan.directories_changed:
+            rescope_files(config, self.intake, self.store)
         if plan.trigger_changed:
-            self.trigger = build_trigger(config)
-        if plan.directories_added:
-            self._scan("Scan of added directories")
+            self.trigger = build_trigger(config, previous=self.trigger)
+
         logger.info("Reloaded the configuration from %s: %s", self.config_path, plan.summary)
+        if plan.directories_changed:
+            self._scan("Scan of the reloaded log directories")
+        self._next_status = 0.0
 
     def _report_status(self, monotonic_now: float, now: Any) -> None:
         self.notifier.watchdog()
@@ -342,10 +361,12 @@ class Daemon:
             f"{summary.queue_count} queued, {self.dispatcher.in_flight} uploading, "
             f"{stats.uploaded_files} uploaded since start"
         )
+        hours = self.config.upload.operational_hours
+        window = f"{hours.start:%H:%M}-{hours.end:%H:%M}" if hours.enabled else None
         write_daemon_status(
             self.config.state_file,
             {
-                "schedule": self.trigger.describe(monotonic_now, now),
+                "schedule": {**self.trigger.describe(monotonic_now, now), "window": window},
                 "in_flight": self.dispatcher.in_flight,
                 "uploaded_since_start": stats.uploaded_files,
                 "last_upload_at": stats.last_upload_at,

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from tvm_upload.clock import Clock
 from tvm_upload.config import Config, LogDirectory
 from tvm_upload.files import FileIdentity
-from tvm_upload.keys import build_key
+from tvm_upload.keys import ObjectKeyError, build_key
 from tvm_upload.stability import ReadyFile, StabilityTracker
 from tvm_upload.state import EnqueueResult, StateStore
 from tvm_upload.watcher import scan
@@ -72,7 +72,12 @@ class Intake:
         return [ready.path for ready in self.stability.poll() if self._enqueue(ready)]
 
     def _enqueue(self, ready: ReadyFile) -> bool:
-        key = self.store.object_key_for(ready.path) or self._build_key(ready)
+        try:
+            key = self.store.object_key_for(ready.path) or self._build_key(ready)
+        except ObjectKeyError as error:
+            logger.error("Skipped %s: it has no valid object key: %s", ready.path, error)
+            return False
+
         result = self.store.enqueue(
             ready.path, ready.directory.source, ready.identity, key, now=self.clock.time()
         )
@@ -129,7 +134,13 @@ def import_legacy_state(config: Config, store: StateStore, clock: Clock) -> int:
             mtime_ns = int(clock.time() * 1e9)
         relative = PurePosixPath(path.relative_to(directory.path).as_posix())
         now = datetime.fromtimestamp(clock.time(), timezone.utc)
-        key = build_key(config.vehicle_id, directory.source, relative, mtime_ns, config.zone(), now)
+        try:
+            key = build_key(
+                config.vehicle_id, directory.source, relative, mtime_ns, config.zone(), now
+            )
+        except ObjectKeyError as error:
+            logger.error("Skipped legacy entry %s: it has no valid object key: %s", path, error)
+            return None
         return directory.source, key.key
 
     after_upload = config.deletion.after_upload

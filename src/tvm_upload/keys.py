@@ -1,9 +1,9 @@
 """Object key layout: where a log file goes in the bucket and with which Content-Type.
 
 An object key is ``{vehicle_id}/{YYYY-MM-DD}/{source}/{relative path}``. The date is the
-calendar date of the file's mtime in the configured time zone, unless that mtime is
-implausible (before 2020-01-01, or more than one day ahead of the clock, as after a
-dead RTC battery), in which case the date of first detection is used.
+calendar date of the file's mtime in the configured time zone. An implausible mtime
+(before 2020-01-01, or more than one day ahead of the clock, as after a dead RTC
+battery) is replaced by the date of first detection.
 
 Keys are UTF-8. Every character of the relative path is kept as given (spaces, ``+``,
 non-ASCII letters) except these, which are percent-encoded as ``%XX`` with upper-case
@@ -38,8 +38,8 @@ _PERCENT_TRIPLET = re.compile(r"%([0-9A-Fa-f]{2})")
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
-# Suffixes whose type the standard library does not know, or knows differently from what
-# a log bucket needs. A compressed file keeps the type of its container (application/gzip
+# Suffixes missing from the standard library's table, or mapped there to a type that does
+# not suit a log bucket. A compressed file keeps the type of its container (application/gzip
 # for "x.log.gz"), never the type of what it contains.
 _EXTRA_CONTENT_TYPES = {
     ".mcap": "application/octet-stream",

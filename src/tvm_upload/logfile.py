@@ -173,9 +173,9 @@ class ContentDigests:
     """Result of the digest pass.
 
     ``sha256`` is the hex SHA-256 of the whole content. ``part_digests[i]`` is the
-    checksum kind's digest of part ``i + 1``. ``part_md5`` holds the hex MD5 of the
-    parts that were asked for, to compare with the ETags of parts already on the
-    server.
+    checksum kind's digest of part ``i + 1``. ``part_md5`` maps a part number to the
+    hex MD5 of that part, for the requested parts, to compare with the ETags of parts
+    already on the store.
     """
 
     sha256: str
@@ -232,8 +232,8 @@ def read_digests(
 class PartReader:
     """A file-like view of one byte range of a log file, for a streamed request body.
 
-    botocore may read the body more than once (to sign it over plain HTTP, and again
-    after a retry); every read from offset 0 starts a new digest, so ``digest()``
+    botocore may read the body more than once: to sign it over plain HTTP, and again
+    after a retry. Every read from offset 0 starts a new digest, so ``digest()``
     covers the bytes of the last complete pass, the ones that reached the store.
     """
 

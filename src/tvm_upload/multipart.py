@@ -88,7 +88,7 @@ class PartsJournal(Protocol):
     ``existing`` returns what ``start`` and ``part_done`` recorded, as an
     ``OpenUpload`` or a plain ``(upload_id, part_size, parts)`` tuple, or None.
     ``finished`` is called once the upload id is closed, whether it was completed
-    or aborted, and forgets it. Calls come from the upload thread of the file.
+    or aborted; the journal then deletes its record. Calls come from the upload thread of the file.
     """
 
     def existing(self) -> tuple[str, int, Sequence[Sequence[Any]]] | None: ...
@@ -102,7 +102,7 @@ class PartsJournal(Protocol):
 
 @dataclass(frozen=True)
 class ObjectTarget:
-    """Where an object goes: the shared client, the bucket and the object key."""
+    """Destination of an object: the shared client, the bucket and the object key."""
 
     client: S3Client
     bucket: str
@@ -217,7 +217,7 @@ class MultipartTransfer:
         self.part_size = upload.part_size
         self._journal_parts = {part.part_number: part for part in upload.parts}
         logger.info(
-            "Resuming upload %s of %s: the store holds %d parts",
+            "Resuming upload %s of %s: %d parts are already on the store",
             self.upload_id,
             self.target.key,
             len(self._server_parts),
@@ -243,6 +243,8 @@ class MultipartTransfer:
         if self.upload_id is not None:
             self._close_upload(self.upload_id)
             self.upload_id = None
+            self._server_parts = {}
+            self._journal_parts = {}
 
     def send(self, object_arguments: Mapping[str, Any], digests: ContentDigests) -> None:
         """Send the missing parts and complete the upload.
@@ -339,7 +341,7 @@ class MultipartTransfer:
         checksum: str,
         digests: ContentDigests,
     ) -> bool | None:
-        """Tell whether a stored part holds the file's part; None when nothing can tell."""
+        """Compare a stored part with the file's part; None when no ETag or checksum can."""
         if server["Size"] != length:
             return False
 

@@ -1,21 +1,28 @@
-"""Configuration reload (SIGHUP): validate the new file, then say what changed.
+"""Configuration reload (SIGHUP): validate the new file, then log what changed.
 
-The new file is validated in full before anything changes; an invalid file
+The new file is validated in full before anything changes, including
+building the S3 client when the ``s3`` section changed. An invalid file
 leaves the daemon on its running configuration, with an ERROR naming each
-problem. Queued files are never lost by a reload: the queue lives in the
-state store, which a reload does not touch (``state_file`` changes need a
-restart and are reported as such).
+problem. A reload never touches the state store, so the queue survives it,
+except for the rows of files that no configured directory accepts any more
+(a removed directory, a narrower pattern): those leave the queue, because
+nothing outside the configured directories is uploaded. ``state_file``
+changes need a restart and are reported as such.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tvm_upload.config import Config, load_config
-from tvm_upload.errors import ConfigError
+from tvm_upload.errors import ConfigError, TvmUploadError
+from tvm_upload.intake import Intake, directory_of
+from tvm_upload.state import FileState, StateStore
+from tvm_upload.uploader import Uploader
 
 logger = logging.getLogger(__name__)
 
@@ -27,16 +34,22 @@ TRIGGER_KEYS = (
     "timezone",
 )
 RESTART_KEYS = ("state_file",)
+EXAMPLES_LOGGED = 3
 
 
 @dataclass(frozen=True)
 class ReloadPlan:
-    """A validated new configuration and which parts of it differ from the running one."""
+    """A validated new configuration and which parts of it differ from the running one.
+
+    ``uploader`` is a new uploader for the new ``s3`` settings, or None when
+    they did not change.
+    """
 
     config: Config
     changed: list[str]
     directories_added: list[str]
     directories_removed: list[str]
+    uploader: Uploader | None = None
 
     @property
     def s3_changed(self) -> bool:
@@ -47,7 +60,13 @@ class ReloadPlan:
         return any(key.startswith(prefix) for key in self.changed for prefix in TRIGGER_KEYS)
 
     @property
+    def directories_changed(self) -> bool:
+        """True when a log directory was added, removed or has other settings."""
+        return any(key.startswith("log_directories") for key in self.changed)
+
+    @property
     def summary(self) -> str:
+        """One line for the log: the changed keys and the directories (un)watched."""
         if not self.changed:
             return "nothing changed"
         parts = [f"changed {', '.join(self.changed)}"]
@@ -59,13 +78,11 @@ class ReloadPlan:
 
 
 def load_reload(path: Path, running: Config) -> ReloadPlan | None:
-    """Load and validate ``path``; return the plan, or None (logged) when it is invalid."""
+    """Load and validate ``path``; return the plan, or None (logged at ERROR) when it is invalid."""
     try:
         config = load_config(path)
     except ConfigError as error:
-        logger.error(
-            "Kept the running configuration because the reloaded file is invalid: %s", error
-        )
+        _log_rejected(path, error)
         return None
 
     ignored = [key for key in RESTART_KEYS if getattr(config, key) != getattr(running, key)]
@@ -75,13 +92,33 @@ def load_reload(path: Path, running: Config) -> ReloadPlan | None:
         )
         config = config.model_copy(update={key: getattr(running, key) for key in ignored})
 
+    changed = changed_keys(running.model_dump(mode="json"), config.model_dump(mode="json"))
+    uploader = None
+    if any(key.startswith("s3.") for key in changed):
+        try:
+            uploader = Uploader.from_config(config)
+        except TvmUploadError as error:
+            _log_rejected(path, error)
+            return None
+
     old_dirs = {str(d.path) for d in running.log_directories}
     new_dirs = {str(d.path) for d in config.log_directories}
     return ReloadPlan(
         config=config,
-        changed=changed_keys(running.model_dump(mode="json"), config.model_dump(mode="json")),
+        changed=changed,
         directories_added=sorted(new_dirs - old_dirs),
         directories_removed=sorted(old_dirs - new_dirs),
+        uploader=uploader,
+    )
+
+
+def _log_rejected(path: Path, error: TvmUploadError) -> None:
+    """Log one ERROR line naming every problem, so one journal line shows what to fix."""
+    problems = error.problems if isinstance(error, ConfigError) else [str(error)]
+    logger.error(
+        "Kept the running configuration because the reloaded file %s is invalid: %s",
+        path,
+        "; ".join(problems),
     )
 
 
@@ -97,3 +134,55 @@ def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     if old != new:
         return [prefix.rstrip(".")]
     return []
+
+
+def rescope_files(config: Config, intake: Intake, store: StateStore) -> list[Path]:
+    """Fit files not yet uploaded to the log directories of ``config``; return those dropped.
+
+    Watcher events still waiting and files waiting to become ready carry the
+    directory they were found in. They get their directory in ``config``, so
+    a renamed source reaches the object key, or are forgotten when no
+    directory accepts them any more. Pending and failed queue rows of such
+    files leave the queue. Uploads already running are left to finish.
+    """
+    _rescope_events(config, intake)
+    for path in intake.stability.tracked():
+        directory = directory_of(config, path)
+        if directory is None:
+            intake.stability.forget(path)
+        else:
+            intake.stability.observe(path, directory)
+
+    dropped = _drop_unaccepted_rows(config, store)
+    if dropped:
+        logger.info(
+            "Removed %d files from the queue because no configured log directory accepts"
+            " them any more, for example %s",
+            len(dropped),
+            ", ".join(str(path) for path in dropped[:EXAMPLES_LOGGED]),
+        )
+    return dropped
+
+
+def _rescope_events(config: Config, intake: Intake) -> None:
+    waiting = []
+    while True:
+        try:
+            waiting.append(intake.events.get_nowait())
+        except queue.Empty:
+            break
+
+    for path, _ in waiting:
+        directory = directory_of(config, path)
+        if directory is not None:
+            intake.events.put((path, directory))
+
+
+def _drop_unaccepted_rows(config: Config, store: StateStore) -> list[Path]:
+    dropped = []
+    for state in (FileState.PENDING, FileState.FAILED):
+        for record in list(store.files_in_state(state)):
+            if directory_of(config, record.path) is None:
+                store.remove(record.id)
+                dropped.append(record.path)
+    return dropped

@@ -60,7 +60,7 @@ MIN_PART_SIZE_BYTES = 5 * MiB
 
 @dataclass(frozen=True)
 class UploaderSettings:
-    """What the uploader needs from the configuration; sizes in bytes, times in seconds.
+    """Settings of the uploader, taken from the configuration; sizes in bytes, times in seconds.
 
     ``storage_class`` None or ``"STANDARD"`` sends no storage class header, which is
     the same as STANDARD on AWS and avoids rejections from stores without storage
@@ -367,8 +367,8 @@ def classify_error(exc: BaseException) -> UploadError:
     expired credentials, access denied, no such bucket, clock skew, and settings
     the store rejects for every object. Throttling is file scope, retryable, with
     ``throttled=True``. Everything else is file scope and retryable, except codes
-    such as ``KeyTooLongError`` that no retry can fix; an exception that is no S3
-    or file error (a bug) becomes a plain retryable UploadError. An ``UploadError`` is
+    such as ``KeyTooLongError`` that no retry can fix. An exception that comes from
+    neither S3 nor the file (a bug) becomes a plain retryable UploadError. An ``UploadError`` is
     returned unchanged; ``S3UploadFailedError`` is unwrapped to the ClientError it
     replaced.
     """
@@ -401,7 +401,7 @@ def classify_error(exc: BaseException) -> UploadError:
 
 
 def is_unexpected(exc: BaseException) -> bool:
-    """Tell whether an exception is none of those that S3 requests and file reads raise."""
+    """Tell whether an exception comes from neither an S3 request nor a file read."""
     expected = (UploadError, ClientError, BotoCoreError, OSError, S3UploadFailedError)
     return not isinstance(_unwrap(exc), expected)
 

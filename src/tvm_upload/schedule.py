@@ -373,6 +373,19 @@ class ScheduledTrigger:
             "window_open": self.window_open(now),
         }
 
+    def take_state_from(self, previous: ScheduledTrigger) -> None:
+        """Carry a reloaded trigger's state over from the one it replaces.
+
+        When the schedule's run times did not change, this trigger keeps the
+        previous schedule, so the next run time does not move (an interval
+        does not start counting again), and a run waiting for a busy drain
+        still runs. The clock step detector is always kept.
+        """
+        self._steps = previous._steps
+        if _same_plan(previous.schedule, self.schedule):
+            self.schedule = previous.schedule
+            self._run_waiting = previous._run_waiting
+
     def _observe(self, monotonic_now: float, now: datetime) -> datetime:
         now_utc = _to_utc(now)
         step_seconds = self._steps.observe(monotonic_now, now_utc)
@@ -412,14 +425,30 @@ def build_schedule(settings: ScheduleSettings, zone: tzinfo) -> IntervalSchedule
     return IntervalSchedule(settings.interval_seconds)
 
 
-def build_trigger(config: Config) -> ScheduledTrigger:
-    """Build the trigger for ``config``: its schedule, window, batch mode and start drain."""
+def build_trigger(config: Config, *, previous: Trigger | None = None) -> ScheduledTrigger:
+    """Build the trigger for ``config``: its schedule, window, batch mode and start drain.
+
+    After a reload, pass the running trigger as ``previous`` to keep its
+    state (see ``ScheduledTrigger.take_state_from``).
+    """
     upload = config.upload
     zone = config.zone()
-    return ScheduledTrigger(
+    trigger = ScheduledTrigger(
         build_schedule(upload.schedule, zone),
         zone=zone,
         window=upload.operational_hours,
         batch_upload=upload.batch_upload.enabled,
         upload_on_start=upload.upload_on_start,
     )
+    if isinstance(previous, ScheduledTrigger):
+        trigger.take_state_from(previous)
+    return trigger
+
+
+def _same_plan(old: Schedule, new: Schedule) -> bool:
+    """Tell whether two schedules have the same run times, whatever their state."""
+    if isinstance(old, IntervalSchedule) and isinstance(new, IntervalSchedule):
+        return old.interval_seconds == new.interval_seconds
+    if isinstance(old, DailySchedule) and isinstance(new, DailySchedule):
+        return old.at == new.at and str(old.zone) == str(new.zone)
+    return False

@@ -1,13 +1,17 @@
-"""What ``tvm-upload status`` reports: the queue and registry read from the state store.
+"""The ``tvm-upload status`` report: the queue and registry, and the daemon's schedule.
 
-The store is opened read-only, so the report works beside a running daemon
-and never creates or changes the database.
+The queue and registry come from the state store, opened read-only, so the
+report works beside a running daemon and never creates or changes the
+database. The next scheduled run and the operational window come from the
+status file that the running daemon rewrites (``tvm_upload.daemonstatus``).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import time
+from datetime import datetime
 from typing import Any
 
 from rich.console import Console
@@ -18,6 +22,9 @@ from tvm_upload.daemonstatus import read_daemon_status
 from tvm_upload.state import StateStore, StatusSummary
 
 STATES = ("pending", "uploading", "failed", "uploaded")
+STALE_AFTER_SECONDS = 60.0
+"""Age of the daemon's status file after which the daemon counts as not running; it rewrites
+the file every 10 s."""
 
 
 def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
@@ -36,8 +43,34 @@ def collect_status(config: Config, now: float | None = None) -> dict[str, Any]:
     with StateStore(config.state_file, read_only=True) as store:
         summary = store.summary(now)
     report.update(_summary_fields(summary))
-    report["daemon"] = read_daemon_status(config.state_file)
+    report["daemon"] = _daemon_fields(read_daemon_status(config.state_file), now)
     return report
+
+
+def _daemon_fields(daemon: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
+    """Return the daemon's own status with ``running`` added, or None when it wrote none.
+
+    The daemon counts as running while its PID exists and its status is at
+    most ``STALE_AFTER_SECONDS`` old, so a file left by a stopped or hung
+    daemon is not shown as the current schedule.
+    """
+    if daemon is None:
+        return None
+    updated_at = daemon.get("updated_at")
+    fresh = isinstance(updated_at, (int, float)) and now - updated_at <= STALE_AFTER_SECONDS
+    return {**daemon, "running": fresh and _process_exists(daemon.get("pid"))}
+
+
+def _process_exists(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _summary_fields(summary: StatusSummary) -> dict[str, Any]:
@@ -78,13 +111,33 @@ def _print_daemon(console: Console, daemon: dict[str, Any] | None) -> None:
     if not daemon:
         console.print("Daemon: no status written yet (not running, or just started)")
         return
+    if not daemon.get("running"):
+        updated_at = daemon.get("updated_at")
+        when = _local_time(updated_at) if isinstance(updated_at, (int, float)) else "unknown"
+        console.print(f"Daemon: not running (last status from PID {daemon.get('pid')} at {when})")
+        return
+
     schedule = daemon.get("schedule", {})
-    window = "open" if schedule.get("window_open") else "closed"
     console.print(
-        f"Daemon PID {daemon.get('pid')}: schedule {schedule.get('mode')}, next run"
-        f" {schedule.get('next_run') or 'none'}, operational window {window},"
-        f" {daemon.get('in_flight', 0)} uploads in flight"
+        f"Daemon PID {daemon.get('pid')}: {daemon.get('in_flight', 0)} uploads in flight,"
+        f" {daemon.get('uploaded_since_start', 0)} files uploaded since start"
     )
+    console.print(
+        f"Schedule: {schedule.get('mode')}, next run {schedule.get('next_run') or 'none'}"
+    )
+    console.print(f"Operational window: {_window_state(schedule)}")
+
+
+def _window_state(schedule: dict[str, Any]) -> str:
+    state = "open" if schedule.get("window_open") else "closed"
+    window = schedule.get("window")
+    if window is None:
+        return f"disabled, so always {state}"
+    return f"{window}, {state} now"
+
+
+def _local_time(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="seconds")
 
 
 def _print_sources(console: Console, sources: dict[str, dict[str, int]]) -> None:

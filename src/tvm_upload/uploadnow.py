@@ -21,18 +21,26 @@ POLL_SECONDS = 0.5
 
 
 def request_upload_now(config: Config, *, wait: bool, timeout_seconds: float | None) -> int:
-    """Send the request; with ``wait``, follow the drain and return the exit code."""
+    """Send the request; with ``wait``, follow the drain. Return the exit code.
+
+    The code is OK when the request was accepted (with ``wait``: the queue is
+    empty and no file is failed), FAILURE when files are failed or the
+    timeout passed, and UNAVAILABLE when no daemon listens or it went away.
+    """
     path = socket_path(config.state_file)
     try:
         response = send_request(path, {"command": "upload-now"})
     except ConnectionError as error:
         print(f"tvm-upload: {error}", file=sys.stderr)
         return ExitCode.UNAVAILABLE
+    if not response.get("ok") or not isinstance(response.get("run"), int):
+        print(f"tvm-upload: the daemon rejected the request: {response}", file=sys.stderr)
+        return ExitCode.SOFTWARE
 
     print("Upload requested: the daemon is uploading the whole queue.", file=sys.stderr)
     if not wait:
         return ExitCode.OK
-    return _wait_for_drain(config, int(response["run"]), timeout_seconds)
+    return _wait_for_drain(config, response["run"], timeout_seconds)
 
 
 def _queue_left(config: Config) -> tuple[int, int, int]:
@@ -58,7 +66,11 @@ def _wait_for_drain(config: Config, run: int, timeout_seconds: float | None) -> 
                 completed=max(start_bytes - size, 0),
                 detail=f"{files} files, {size / 1e6:.1f} MB left, {failed} failed",
             )
-            state = send_request(path, {"command": "progress"})
+            try:
+                state = send_request(path, {"command": "progress"})
+            except ConnectionError as error:
+                print(f"tvm-upload: lost the daemon while waiting: {error}", file=sys.stderr)
+                return ExitCode.UNAVAILABLE
             if state.get("finished_run", 0) >= run:
                 break
             if deadline is not None and time.monotonic() > deadline:
