@@ -142,7 +142,12 @@ class Daemon:
         self.intake = Intake(config, self.store, self.clock)
         self.metrics = MetricsReporter(config, self.store, self.clock)
         self.dispatcher = Dispatcher(
-            config, self.store, uploader, self.clock, on_upload=self.metrics.observe_upload
+            config,
+            self.store,
+            uploader,
+            self.clock,
+            on_upload=self.metrics.observe_upload,
+            on_finished=self._wake.set,
         )
         self.retention = Retention(config, self.store, in_flight=self.dispatcher.in_flight_paths)
         self.watcher = Watcher(config.log_directories, self.intake.on_event)

@@ -67,6 +67,8 @@ class Dispatcher:
     rng: random.Random = field(default_factory=random.Random)
     stats: DispatchStats = field(default_factory=DispatchStats)
     on_upload: Callable[[float, int], None] | None = None
+    on_finished: Callable[[], None] | None = None
+    """Called from the upload thread when an upload ends, so the main loop can refill at once."""
 
     def __post_init__(self) -> None:
         self._pool = ThreadPoolExecutor(
@@ -167,6 +169,9 @@ class Dispatcher:
         )
         future = self._pool.submit(self.uploader.upload, request, should_stop=self._stopping.is_set)
         self._running[record.id] = _Running(record, future, self.clock.monotonic())
+        notify = self.on_finished
+        if notify is not None:
+            future.add_done_callback(lambda _future: notify())
 
     def _collect(self) -> None:
         for file_id, running in list(self._running.items()):
