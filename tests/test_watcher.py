@@ -17,9 +17,10 @@ from watchdog.events import EventsLostEvent
 from watchdog.observers import inotify_c
 from watchdog.observers.inotify import InotifyObserver
 
-from tvm_upload import watcher as watcher_module
+from tvm_upload import scan as scan_module
 from tvm_upload.config import LogDirectory
-from tvm_upload.watcher import WATCH_RETRY_SECONDS, Watcher, scan
+from tvm_upload.scan import scan
+from tvm_upload.watcher import WATCH_RETRY_SECONDS, Watcher
 
 EVENT_TIMEOUT_SECONDS = 5.0
 
@@ -730,9 +731,7 @@ def test_scan_unreadable_directory_logged_once(
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    monkeypatch.setattr(
-        watcher_module, "_unreadable_warnings", watcher_module._RateLimitedWarnings(600.0)
-    )
+    monkeypatch.setattr(scan_module, "unreadable_warnings", scan_module.RateLimitedWarnings(600.0))
 
     first = [f.path for f in scan([log_directory(root)])]
     second = [f.path for f in scan([log_directory(root)])]
@@ -746,7 +745,7 @@ def test_scan_unreadable_directory_logged_once(
 
 def test_rate_limited_warnings_repeat_after_interval(caplog: pytest.LogCaptureFixture) -> None:
     clock = FakeClock()
-    warnings = watcher_module._RateLimitedWarnings(600.0, clock=clock)
+    warnings = scan_module.RateLimitedWarnings(600.0, clock=clock)
 
     warnings.warn("/a", "Cannot read %s", "/a")
     warnings.warn("/a", "Cannot read %s", "/a")

@@ -14,11 +14,12 @@ from pathlib import Path, PurePosixPath
 
 from tvm_upload.clock import Clock
 from tvm_upload.config import Config, LogDirectory
+from tvm_upload.daemonstatus import daemon_status_path
 from tvm_upload.files import FileIdentity
 from tvm_upload.keys import ObjectKeyError, build_key
+from tvm_upload.scan import scan
 from tvm_upload.stability import ReadyFile, StabilityTracker
 from tvm_upload.state import EnqueueResult, StateStore
-from tvm_upload.watcher import scan
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,23 @@ class Intake:
                 continue
             self.stability.observe(found.path, found.directory)
             observed += 1
+        return observed
+
+    def rebuild_scan(self) -> int:
+        """Observe every log file under the roots, whatever its age, after the store was lost.
+
+        The lost store knew which files were queued, so ``scan_existing_files``
+        (its age limit, and ``enabled: false``) is ignored once: skipping an old
+        queued file would lose it. The uploader hashes each file and sends it only
+        when a HEAD of its object key shows no object with the same ``sha256``
+        metadata, so a file already in the bucket is read but not sent again.
+        Returns the number of files handed to the stability tracker.
+        """
+        observed = self.scan(None)
+        logger.info(
+            "Rebuild scan found %d log files; each is checked against its S3 object first",
+            observed,
+        )
         return observed
 
     def step(self) -> list[Path]:
@@ -164,3 +182,21 @@ def directory_of(config: Config, path: Path) -> LogDirectory | None:
         if directory.accepts(PurePosixPath(relative.as_posix())):
             return directory
     return None
+
+
+def state_store_lost(state_file: Path) -> bool:
+    """Tell whether the state store is missing although a daemon used it before.
+
+    The daemon status file beside the store outlives it, so its presence shows
+    that the store was deleted rather than never created. Logs an ERROR when so.
+    """
+    status_file = daemon_status_path(state_file)
+    if state_file.exists() or not status_file.exists():
+        return False
+
+    logger.error(
+        "The state store %s is missing, but %s shows that a daemon used it before",
+        state_file,
+        status_file,
+    )
+    return True

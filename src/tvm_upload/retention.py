@@ -52,8 +52,8 @@ from tvm_upload.safety import (
     SafeDeleter,
     warn_if_protected,
 )
+from tvm_upload.scan import scan
 from tvm_upload.state import FileRecord, FileState, StateStore
-from tvm_upload.watcher import scan
 
 logger = logging.getLogger(__name__)
 

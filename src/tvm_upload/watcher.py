@@ -20,7 +20,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -36,13 +36,13 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 
 from tvm_upload.config import LogDirectory
+from tvm_upload.scan import unreadable_warnings, walk
 
 logger = logging.getLogger(__name__)
 
 OnEvent = Callable[[Path, LogDirectory], None]
 ObserverFactory = Callable[[], BaseObserver]
 
-UNREADABLE_WARNING_INTERVAL_SECONDS = 600.0
 WATCH_RETRY_SECONDS = 600.0
 
 # watchdog 7.1 reports an inotify queue overflow as an event of this type.
@@ -57,117 +57,6 @@ _LIMIT_SYSCTLS = {
     errno.EMFILE: ("fs.inotify.max_user_instances", 1024),
 }
 _QUEUE_SYSCTL = ("fs.inotify.max_queued_events", 65536)
-
-
-@dataclass(frozen=True)
-class FoundFile:
-    """A log file found by a scan, with the ``lstat`` result taken while scanning."""
-
-    path: Path
-    directory: LogDirectory
-    stat: os.stat_result
-
-
-def scan(
-    directories: Iterable[LogDirectory], *, min_mtime: float | None = None
-) -> Iterator[FoundFile]:
-    """Yield the log files of ``directories``, one ``lstat`` per accepted file.
-
-    Honours ``recursive`` and ``LogDirectory.accepts``, skips symlinks and
-    anything that is not a regular file, and skips files whose mtime (wall
-    clock seconds) is before ``min_mtime``. A missing root yields nothing.
-    An unreadable directory is logged (at most once per path every 10
-    minutes) and skipped, and the scan goes on.
-    """
-    for directory in directories:
-        yield from _walk(directory, (), min_mtime)
-
-
-def _walk(
-    directory: LogDirectory, start: tuple[str, ...], min_mtime: float | None
-) -> Iterator[FoundFile]:
-    """Yield the log files at and below ``start``, given as parts relative to the root."""
-    root = os.fspath(directory.path)
-    pending = [start]
-    while pending:
-        parts = pending.pop()
-        for entry in _list_directory(os.path.join(root, *parts)):
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    if directory.recursive:
-                        pending.append((*parts, entry.name))
-                    continue
-
-                found = _found_file(directory, entry, parts, min_mtime)
-            except OSError as error:
-                logger.debug("Skipped %s: %s", entry.path, error)
-                continue
-
-            if found is not None:
-                yield found
-
-
-def _found_file(
-    directory: LogDirectory,
-    entry: os.DirEntry[str],
-    parts: tuple[str, ...],
-    min_mtime: float | None,
-) -> FoundFile | None:
-    if not entry.is_file(follow_symlinks=False):
-        return None
-
-    if not directory.accepts(PurePosixPath(*parts, entry.name)):
-        return None
-
-    st = entry.stat(follow_symlinks=False)
-    if not stat.S_ISREG(st.st_mode):
-        return None
-
-    if min_mtime is not None and st.st_mtime < min_mtime:
-        return None
-    return FoundFile(path=Path(entry.path), directory=directory, stat=st)
-
-
-def _list_directory(path: str) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(path) as entries:
-            return list(entries)
-    except (FileNotFoundError, NotADirectoryError) as error:
-        logger.debug("Skipped %s: %s", path, error)
-    except OSError as error:
-        _unreadable_warnings.warn(
-            path,
-            "Cannot read directory %s: %s. Its log files are found once it is readable.",
-            path,
-            error,
-        )
-    return []
-
-
-class _RateLimitedWarnings:
-    """Log a WARNING at most once per key every ``interval_seconds`` (thread-safe)."""
-
-    def __init__(self, interval_seconds: float, clock: Callable[[], float] = time.monotonic):
-        self._interval_seconds = interval_seconds
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._last_logged: dict[str, float] = {}
-
-    def warn(self, key: str, message: str, *args: object) -> None:
-        now = self._clock()
-        with self._lock:
-            last = self._last_logged.get(key)
-            if last is not None and now - last < self._interval_seconds:
-                return
-
-            self._last_logged = {
-                k: t for k, t in self._last_logged.items() if now - t < self._interval_seconds
-            }
-            self._last_logged[key] = now
-        logger.warning(message, *args)
-
-
-_unreadable_warnings = _RateLimitedWarnings(UNREADABLE_WARNING_INTERVAL_SECONDS)
 
 
 class _RootState(enum.Enum):
@@ -376,7 +265,7 @@ class Watcher:
             return
 
         found = 0
-        for found_file in _walk(root.directory, (), None):
+        for found_file in walk(root.directory, (), None):
             self._report(found_file.path, root.directory)
             found += 1
         logger.info(
@@ -391,7 +280,7 @@ class Watcher:
             return
 
         root.state = _RootState.MISSING
-        _unreadable_warnings.warn(
+        unreadable_warnings.warn(
             os.fspath(root.directory.path),
             "Cannot watch log directory %s: %s. Retrying at the next poll.",
             root.directory.path,
@@ -511,7 +400,7 @@ class Watcher:
         previous = root.snapshot
         snapshot: dict[Path, tuple[int, int, int, int]] = {}
         changed: list[Path] = []
-        for found in _walk(root.directory, (), None):
+        for found in walk(root.directory, (), None):
             st = found.stat
             signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             snapshot[found.path] = signature
@@ -624,7 +513,7 @@ class _RootHandler(FileSystemEventHandler):
         if not _is_below_root(self._directory.path, relative, stat.S_ISDIR):
             return
 
-        for found in _walk(self._directory, relative.parts, None):
+        for found in walk(self._directory, relative.parts, None):
             self._watcher._report(found.path, self._directory)
 
 
