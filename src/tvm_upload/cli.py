@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,6 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tvm-upload: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
+        return ExitCode.OK
+    except BrokenPipeError:
+        # The reader of our output went away (``tvm-upload status | head``):
+        # point stdout at /dev/null so the interpreter's final flush is quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return ExitCode.OK
 
 

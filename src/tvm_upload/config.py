@@ -130,8 +130,10 @@ class LogDirectory(Section):
     @field_validator("path")
     @classmethod
     def _check_directory(cls, path: Path) -> Path:
-        if path == Path("/"):
+        if path == Path("/") or os.path.realpath(path) == "/":
             raise invalid("is the root directory; name the directory that contains the logs")
+        if ".." in path.parts:
+            raise invalid("contains '..'; write the directory without it")
         if os.path.exists(path) and not os.path.isdir(path):
             raise invalid("exists but is not a directory")
         return path
@@ -590,6 +592,26 @@ class Config(Section):
         allowed="a mapping with retention_days",
         example="{retention_days: 14}",
     )
+
+    @model_validator(mode="after")
+    def _check_state_file_outside_logs(self) -> Config:
+        state_dir = os.path.realpath(self.state_file.parent)
+        for index, directory in enumerate(self.log_directories):
+            root = os.path.realpath(directory.path)
+            if state_dir == root or state_dir.startswith(root.rstrip("/") + "/"):
+                reason = (
+                    f"is inside log_directories[{index}] ({directory.path}),"
+                    " so the daemon would upload, and could delete, its own state store;"
+                    " use a path outside every log directory"
+                )
+                problem = Problem(
+                    reason,
+                    at=("state_file",),
+                    value=str(self.state_file),
+                    example="/var/lib/tvm-upload/state.db",
+                )
+                raise problems_error([problem])
+        return self
 
     @field_validator("log_directories")
     @classmethod

@@ -122,12 +122,62 @@ def read_yaml(path: Path) -> Any:
         data = loader.get_single_data()
     except yaml.YAMLError as error:
         raise ConfigError([_yaml_problem(error)], str(path)) from None
+    except RecursionError:
+        nesting = "the YAML document is nested too deeply to be a configuration"
+        raise ConfigError([nesting], str(path)) from None
     finally:
         loader.dispose()
 
     for warning in loader.warnings:
         logger.warning("%s: %s", path, warning)
+
+    expansion = _expansion_problem(data)
+    if expansion:
+        raise ConfigError([expansion], str(path))
     return data
+
+
+MAX_EXPANDED_VALUES = 100_000
+"""Most values a config may hold once YAML aliases are expanded; real configs hold hundreds."""
+
+
+def _expansion_problem(data: Any) -> str | None:
+    """Return why ``data`` cannot be a config (alias cycle, alias bomb, nesting), or None.
+
+    Aliases share one Python object, so the count is memoised by object
+    identity and stays cheap even for a billion-laughs document, whose
+    expanded size it still computes exactly.
+    """
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def expanded_size(value: Any) -> int:
+        if not isinstance(value, (dict, list)):
+            return 1
+        key = id(value)
+        if key in sizes:
+            return sizes[key]
+        if key in in_progress:
+            raise ValueError("a YAML alias refers to a value that contains it")
+        in_progress.add(key)
+        children = value.values() if isinstance(value, dict) else value
+        size = 1 + sum(expanded_size(child) for child in children)
+        in_progress.discard(key)
+        sizes[key] = size
+        return size
+
+    try:
+        total = expanded_size(data)
+    except ValueError as error:
+        return f"the YAML document is not a configuration: {error}; remove the alias"
+    except RecursionError:
+        return "the YAML document is nested too deeply to be a configuration"
+    if total > MAX_EXPANDED_VALUES:
+        return (
+            f"the YAML document expands to {total} values through aliases (at most"
+            f" {MAX_EXPANDED_VALUES} are allowed); remove the anchors and aliases"
+        )
+    return None
 
 
 def _read_text(path: Path) -> str:

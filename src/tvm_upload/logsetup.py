@@ -10,27 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
+from typing import Any
+
+from tvm_upload.redaction import redact
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-_SECRET_PATTERNS = [
-    re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b"),
-    re.compile(
-        r"(?i)(aws_secret_access_key|secret_access_key|aws_session_token|session_token)"
-        r"(\s*[=:]\s*)(\S+)"
-    ),
-    re.compile(r"(?i)(X-Amz-Security-Token|X-Amz-Credential|Signature)=([^&\s]+)"),
-]
-
-
-def redact(text: str) -> str:
-    """Mask AWS access key ids, secrets, session tokens and signatures in ``text``."""
-    text = _SECRET_PATTERNS[0].sub(lambda m: m.group(1) + "****************", text)
-    text = _SECRET_PATTERNS[1].sub(lambda m: m.group(1) + m.group(2) + "****", text)
-    return _SECRET_PATTERNS[2].sub(lambda m: m.group(1) + "=****", text)
 
 
 class RedactingFilter(logging.Filter):
@@ -43,6 +29,13 @@ class RedactingFilter(logging.Filter):
             record.msg = cleaned
             record.args = None
         return True
+
+
+class TextFormatter(logging.Formatter):
+    """The journald-friendly text format, with tracebacks redacted like messages."""
+
+    def formatException(self, ei: Any) -> str:
+        return redact(super().formatException(ei))
 
 
 class JsonFormatter(logging.Formatter):
@@ -68,7 +61,7 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        handler.setFormatter(TextFormatter(TEXT_FORMAT))
 
     root = logging.getLogger()
     root.handlers[:] = [handler]

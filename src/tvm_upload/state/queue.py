@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from tvm_upload.files import FileIdentity
+from tvm_upload.redaction import redact
 from tvm_upload.state.database import Database, PathLike
 from tvm_upload.state.journal import detach_upload
 from tvm_upload.state.records import (
@@ -25,6 +26,8 @@ MAX_ERROR_CHARS = 2000
 
 
 def _error_text(error: str) -> str:
+    """Return the error as stored and shown by ``status``: secrets masked, length capped."""
+    error = redact(error)
     return error if len(error) <= MAX_ERROR_CHARS else error[: MAX_ERROR_CHARS - 3] + "..."
 
 
