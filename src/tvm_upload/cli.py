@@ -185,7 +185,14 @@ def _cleanup(args: argparse.Namespace) -> int:
 
     configure_logging("WARNING")
     config = load_config(args.config)
-    with StateStore(config.state_file) as store:
+    if args.dry_run and not config.state_file.exists():
+        print(
+            f"No state store at {config.state_file} yet: nothing is uploaded, so nothing to delete."
+        )
+        return ExitCode.OK
+
+    # A dry run only reads, so it never creates the store or changes its owner.
+    with StateStore(config.state_file, read_only=args.dry_run) as store:
         return cleanup_command(config, store, args.policy, args.dry_run, sys.stdout)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from tvm_upload.clock import Clock
 from tvm_upload.config import Config, LogDirectory
 from tvm_upload.daemonstatus import daemon_status_path
+from tvm_upload.errors import StateStoreError
 from tvm_upload.files import FileIdentity
 from tvm_upload.keys import ObjectKeyError, build_key
 from tvm_upload.scan import scan
@@ -37,6 +38,8 @@ class Intake:
         self.stability = StabilityTracker(
             config.upload.file_stable_seconds, clock=clock.monotonic, wall_clock=clock.time
         )
+        self._unqueued: list[ReadyFile] = []
+        self._queued_unreported: list[Path] = []
 
     def on_event(self, path: Path, directory: LogDirectory) -> None:
         """Take a watcher event; called from watchdog threads, so it only enqueues."""
@@ -79,7 +82,12 @@ class Intake:
         return observed
 
     def step(self) -> list[Path]:
-        """Take pending events, then queue every file that became ready; return their paths."""
+        """Take pending events, then queue every file that became ready; return their paths.
+
+        When the state store cannot be written, the StateStoreError propagates. The
+        ready files not queued yet and the paths queued before the failure are kept
+        for the next call, so a full disk never makes a ready file wait for a scan.
+        """
         while True:
             try:
                 path, directory = self.events.get_nowait()
@@ -87,7 +95,17 @@ class Intake:
                 break
             self.stability.observe(path, directory)
 
-        return [ready.path for ready in self.stability.poll() if self._enqueue(ready)]
+        ready, self._unqueued = self._unqueued + self.stability.poll(), []
+        queued, self._queued_unreported = self._queued_unreported, []
+        for index, found in enumerate(ready):
+            try:
+                if self._enqueue(found):
+                    queued.append(found.path)
+            except StateStoreError:
+                self._unqueued = ready[index:]
+                self._queued_unreported = queued
+                raise
+        return queued
 
     def _enqueue(self, ready: ReadyFile) -> bool:
         try:
@@ -161,11 +179,10 @@ def import_legacy_state(config: Config, store: StateStore, clock: Clock) -> int:
             return None
         return directory.source, key.key
 
-    after_upload = config.deletion.after_upload
-    keep_seconds = after_upload.keep_days * SECONDS_PER_DAY if after_upload.enabled else None
-    imported = store.import_legacy(
-        queue_file, registry_file, resolve, delete_after_seconds=keep_seconds
-    )
+    # The older registry says a file was uploaded but nothing here verified
+    # the object, so imported rows get no deletion time: the after-upload rule
+    # never deletes them (age-based and emergency rules still may).
+    imported = store.import_legacy(queue_file, registry_file, resolve, delete_after_seconds=None)
     logger.info(
         "Imported %d files from the older uploader's %s and %s", imported, queue_file, registry_file
     )

@@ -173,23 +173,44 @@ class QueueStore(Database):
         with self.transaction(f"read file id {file_id}", write=False) as conn:
             return select_file(conn, "id = ?", (file_id,))
 
-    def claim(self, now: float, limit: int, *, include_failed: bool = False) -> list[FileRecord]:
+    def claim(
+        self,
+        now: float,
+        limit: int,
+        *,
+        include_failed: bool = False,
+        max_delay_seconds: float | None = None,
+    ) -> list[FileRecord]:
         """Mark up to ``limit`` due queue rows ``uploading`` and return them, oldest queued first.
 
         A pending row is due when ``next_attempt_at`` is NULL or <= ``now``.
         ``include_failed`` claims failed rows too, for scheduled runs. The
         select and the update are one ``BEGIN IMMEDIATE`` transaction, so no
         two threads or processes ever claim the same row.
+
+        Retry times are wall-clock times. With ``max_delay_seconds``, a row
+        due more than that far in the future counts as due now: no delay is
+        that long, so the wall clock was stepped back after it was set.
         """
         if limit <= 0:
             return []
 
+        stepped_after = now + max_delay_seconds if max_delay_seconds is not None else None
         with self.transaction("claim queued files") as conn:
             rows = conn.execute(
                 f"SELECT {FILE_COLUMNS} FROM files"
-                " WHERE (state = ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?))"
+                " WHERE (state = ? AND (next_attempt_at IS NULL OR next_attempt_at <= ?"
+                " OR (? IS NOT NULL AND next_attempt_at > ?)))"
                 " OR (state = ? AND ?) ORDER BY queued_at, id LIMIT ?",
-                (FileState.PENDING.value, now, FileState.FAILED.value, include_failed, limit),
+                (
+                    FileState.PENDING.value,
+                    now,
+                    stepped_after,
+                    stepped_after,
+                    FileState.FAILED.value,
+                    include_failed,
+                    limit,
+                ),
             ).fetchall()
             updated_at = self._clock()
             conn.executemany(
