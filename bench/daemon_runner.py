@@ -16,6 +16,7 @@ import re
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,13 +51,19 @@ LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 @dataclass
 class DaemonUpload:
-    """One timed daemon upload; ``delivered_seconds`` is None if it never delivered."""
+    """One timed daemon upload; ``delivered_seconds`` is None if it never delivered.
+
+    ``startup_seconds`` and ``startup_cpu_seconds`` are measured when the log line
+    that ends start-up appears; None if it never did.
+    """
 
     child: ChildResult
     delivered_seconds: float | None
     server_cpu_seconds: float
     io: dict[str, int]
     note: str
+    startup_seconds: float | None = None
+    startup_cpu_seconds: float | None = None
 
 
 @dataclass
@@ -147,17 +154,57 @@ def run_upload(
     server_cpu_start = _cpu_or_zero(server_pid)
     child = spawn(daemon_argv(config), env, log_path)
 
+    startup = StartupWatch(child.pid, log_path, child.started)
     delivered_seconds, note = _wait_for_uploaded_rows(
-        child.pid, work_dir / "state.db", dataset.file_count, child.started, timeout_seconds
+        child.pid,
+        work_dir / "state.db",
+        dataset.file_count,
+        child.started,
+        timeout_seconds,
+        on_poll=startup.poll,
     )
     server_cpu = _cpu_or_zero(server_pid) - server_cpu_start
     io = _io_or_empty(child.pid)
     result = stop_child(child)
-    return DaemonUpload(result, delivered_seconds, server_cpu, io, note)
+    return DaemonUpload(
+        result, delivered_seconds, server_cpu, io, note, startup.seconds, startup.cpu_seconds
+    )
+
+
+class StartupWatch:
+    """Notes the wall time and CPU of a daemon when its log shows that start-up ended.
+
+    Polled between state store reads, so both figures are late by up to
+    ``POLL_SECONDS`` plus the time of one read.
+    """
+
+    def __init__(self, pid: int, log_path: Path, started: float) -> None:
+        self.pid = pid
+        self.started = started
+        self.reader = LogFollower(log_path)
+        self.seconds: float | None = None
+        self.cpu_seconds: float | None = None
+
+    def poll(self) -> None:
+        if self.seconds is not None:
+            return
+        self.reader.read_new_lines()
+        while self.reader.checked < len(self.reader.lines):
+            line = self.reader.lines[self.reader.checked]
+            self.reader.checked += 1
+            if STARTED.search(line):
+                self.seconds = time.monotonic() - self.started
+                self.cpu_seconds = _cpu_or_zero(self.pid)
+                return
 
 
 def _wait_for_uploaded_rows(
-    pid: int, state_file: Path, expected: int, started: float, timeout: float
+    pid: int,
+    state_file: Path,
+    expected: int,
+    started: float,
+    timeout: float,
+    on_poll: Callable[[], None] | None = None,
 ) -> tuple[float | None, str]:
     """Poll the state store until ``expected`` rows are uploaded; return (seconds, failure note)."""
     deadline = started + timeout
@@ -165,6 +212,8 @@ def _wait_for_uploaded_rows(
     while time.monotonic() < deadline:
         if not is_running(pid):
             return None, "tvm-upload exited before it had uploaded every file"
+        if on_poll is not None:
+            on_poll()
         uploaded = count_uploaded_rows(state_file)
         if uploaded >= expected:
             return time.monotonic() - started, ""

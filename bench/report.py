@@ -240,7 +240,57 @@ def _daemon_io_section(results: BenchResults) -> str:
         "## tvm-upload reads per byte uploaded\n\n"
         "From `/proc/<pid>/io` just before SIGTERM, median over runs. `rchar` counts every"
         " byte returned by read calls (state store and Python imports included); `read_bytes`"
-        " counts bytes fetched from the block device.\n\n" + markdown_table(headers, rows)
+        " counts bytes fetched from the block device.\n\n"
+        + markdown_table(headers, rows)
+        + _daemon_startup_table(results)
+    )
+
+
+def _daemon_startup_table(results: BenchResults) -> str:
+    """Split the daemon's wall time and CPU into start-up and the rest of the run."""
+    rows = []
+    for name, dataset in results.datasets.items():
+        runs = [
+            r
+            for r in results.records_for("tvm-upload", name)
+            if r.ok and r.startup_seconds is not None and r.startup_cpu_seconds is not None
+        ]
+        if not runs:
+            continue
+        startup = statistics.median(r.startup_seconds or 0.0 for r in runs)
+        startup_cpu = statistics.median(r.startup_cpu_seconds or 0.0 for r in runs)
+        upload_wall = statistics.median(r.wall_seconds - (r.startup_seconds or 0.0) for r in runs)
+        rest_cpu = statistics.median(r.cpu_seconds - (r.startup_cpu_seconds or 0.0) for r in runs)
+        rows.append(
+            [
+                name,
+                str(len(runs)),
+                f"{startup:.2f}",
+                f"{startup_cpu:.2f}",
+                f"{dataset.total_bytes / 1e6 / upload_wall:.1f}" if upload_wall > 0 else "-",
+                f"{dataset.file_count / upload_wall:.1f}" if upload_wall > 0 else "-",
+                f"{rest_cpu / (dataset.total_bytes / 1e9):.2f}",
+                f"{1000 * rest_cpu / dataset.file_count:.2f}",
+            ]
+        )
+    if not rows:
+        return ""
+
+    headers = [
+        "Dataset",
+        "Runs",
+        "Start-up s",
+        "Start-up CPU s",
+        "MB/s after start-up",
+        "files/s after start-up",
+        "CPU s/GB after start-up",
+        "CPU ms/file after start-up",
+    ]
+    return (
+        "\n\n### tvm-upload start-up and the rest of the run\n\n"
+        "Start-up ends at the daemon's `Started:` log line, after the startup scan. The rest"
+        " of the run includes the `file_stable_seconds` wait (1 s), the uploads and the"
+        " shutdown CPU. Medians over runs.\n\n" + markdown_table(headers, rows)
     )
 
 

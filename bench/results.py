@@ -22,6 +22,9 @@ class RunRecord:
     A run that did not deliver every file with its size has ``ok`` False and
     a ``note`` saying why. Its figures are kept for the log but never timed.
     ``server_cpu_seconds`` is the CPU the S3 server used during the run.
+    For tvm-upload, ``startup_seconds`` and ``startup_cpu_seconds`` are the wall
+    time and CPU from process start to the log line that ends start-up (None
+    when the line was not seen), so that the upload itself can be measured apart.
     """
 
     tool: str
@@ -34,6 +37,8 @@ class RunRecord:
     max_rss_bytes: int
     server_cpu_seconds: float
     io: dict[str, int] = field(default_factory=dict)
+    startup_seconds: float | None = None
+    startup_cpu_seconds: float | None = None
 
 
 @dataclass

@@ -305,6 +305,8 @@ class Bench:
             max_rss_bytes=upload.child.max_rss_bytes,
             server_cpu_seconds=upload.server_cpu_seconds,
             io=upload.io,
+            startup_seconds=upload.startup_seconds,
+            startup_cpu_seconds=upload.startup_cpu_seconds,
         )
 
     def run_scan(self) -> None:

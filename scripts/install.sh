@@ -342,8 +342,10 @@ def deletable_directories(data, validated, root_prefix):
                  "kept read-only" % path)
             continue
         if not os.path.isdir(root_prefix + path):
-            warn("%s does not exist yet; it becomes writable only if it exists when the "
-                 "service starts" % path)
+            where = ("under --root (checked %s)" % (root_prefix + path) if root_prefix
+                     else "on this host")
+            warn("%s does not exist yet %s; it becomes writable only if it exists when the "
+                 "service starts" % (path, where))
         yield path
 
 

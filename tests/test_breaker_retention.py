@@ -29,11 +29,6 @@ def logs(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.xfail(
-    reason="a file re-created at a path retention deleted gets the same key and replaces the "
-    "only copy",
-    strict=True,
-)
 def test_recreated_file_keeps_deleted_files_object(
     tmp_path: Path, logs: Path, seaweed, bucket: str, s3
 ) -> None:

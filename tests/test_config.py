@@ -836,8 +836,24 @@ def test_example_file_loads() -> None:
     config = load_config(REPOSITORY / "config" / "config.yaml.example", environ=ENVIRON)
 
     assert config.vehicle_id == "vehicle-CN-001"
-    assert config.zone() == zoneinfo.ZoneInfo("Asia/Shanghai")
-    assert [d.source for d in config.log_directories] == ["ros", "terminal", "syslog"]
+    assert config.timezone is None
+    assert [d.source for d in config.log_directories] == ["ros", "terminal"]
+
+
+def test_example_file_sets_only_defaults() -> None:
+    """Apart from the required keys, every value in the example is the default."""
+    example = load_config(REPOSITORY / "config" / "config.yaml.example", environ=ENVIRON)
+    required_only = {
+        "vehicle_id": example.vehicle_id,
+        "log_directories": [
+            {"path": str(d.path), "source": d.source} for d in example.log_directories
+        ],
+        "s3": {"bucket": example.s3.bucket, "region": example.s3.region},
+    }
+
+    defaults = parse_config(required_only, environ=ENVIRON)
+
+    assert example.effective_yaml() == defaults.effective_yaml()
 
 
 def test_example_file_documents_every_key(tmp_path: Path) -> None:

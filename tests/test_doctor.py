@@ -5,7 +5,10 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import closing
@@ -30,6 +33,7 @@ from tvm_upload.localserver import SeaweedServer
 from tvm_upload.state import StateStore
 
 SECRET = "doctor-secret-Zq81nVv0"
+NOW = 1_800_000_000.0
 ACCESS_KEY = "AKIADOCTORTEST"
 
 
@@ -233,6 +237,51 @@ def test_service_not_active_warns(
     assert check.detail == "tvm-upload.service is not active: inactive"
 
 
+def write_daemon_status(state_file: Path, pid: int, updated_at: float) -> None:
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    status = {"pid": pid, "updated_at": updated_at, "in_flight": 0}
+    (state_file.parent / "daemon-status.json").write_text(json.dumps(status))
+
+
+def exited_pid() -> int:
+    """Return the PID of a child process that has exited and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_foreground_daemon_counts_as_running(
+    tmp_path: Path, seaweed: SeaweedServer, bucket: str, watches: Path
+) -> None:
+    data = good_data(tmp_path, seaweed.endpoint_url, bucket)
+    write_daemon_status(Path(data["state_file"]), os.getpid(), NOW - 5)
+
+    checks = doctor(write_config(tmp_path, data), watches, run_command=inactive, clock=lambda: NOW)
+
+    check = by_name(checks)["service"]
+    assert check.status is Status.OK
+    assert check.detail == f"daemon running (PID {os.getpid()}), not as tvm-upload.service"
+
+
+@pytest.mark.parametrize(
+    ("age_seconds", "live"),
+    [(61.0, True), (-120.0, True), (5.0, False)],
+    ids=["stale", "from the future", "dead process"],
+)
+def test_daemon_status_ignored_unless_fresh_and_alive(
+    tmp_path: Path, watches: Path, age_seconds: float, live: bool
+) -> None:
+    data = with_value(config_data(tmp_path), "s3.endpoint_url", f"http://127.0.0.1:{free_port()}")
+    pid = os.getpid() if live else exited_pid()
+    write_daemon_status(Path(data["state_file"]), pid, NOW - age_seconds)
+
+    checks = doctor(write_config(tmp_path, data), watches, run_command=inactive, clock=lambda: NOW)
+
+    check = by_name(checks)["service"]
+    assert check.status is Status.WARN
+    assert check.detail == "tvm-upload.service is not active: inactive"
+
+
 def test_cloudwatch_endpoint_reported(
     tmp_path: Path, seaweed: SeaweedServer, bucket: str, watches: Path
 ) -> None:
@@ -291,7 +340,9 @@ def test_missing_bucket_fails(tmp_path: Path, seaweed: SeaweedServer, watches: P
     found = by_name(checks)
     assert found["bucket"].status is Status.FAIL
     assert found["bucket"].detail == "s3://no-such-bucket-doctor does not exist"
-    assert "bucket write" not in found
+    assert found["clock"].status is Status.OK
+    assert found["bucket write"].status is Status.SKIP
+    assert found["bucket write"].detail == "not checked: the bucket check failed"
     assert doctor_exit_code(checks) == ExitCode.FAILURE
 
 
@@ -303,7 +354,9 @@ def test_closed_port_fails(tmp_path: Path, watches: Path) -> None:
     found = by_name(checks)
     assert found["bucket"].status is Status.FAIL
     assert found["bucket"].detail.startswith("cannot reach http://127.0.0.1:")
-    assert "clock" not in found
+    assert found["clock"].status is Status.SKIP
+    assert found["clock"].detail == "not checked: S3 did not respond"
+    assert found["bucket write"].status is Status.SKIP
     assert doctor_exit_code(checks) == ExitCode.FAILURE
 
 
@@ -332,11 +385,22 @@ def test_no_credentials_fails(
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     path = write_config(tmp_path, good_data(tmp_path, seaweed.endpoint_url, bucket))
 
-    found = by_name(doctor(path, watches))
+    checks = doctor(path, watches)
 
+    found = by_name(checks)
     assert found["credentials"].status is Status.FAIL
     assert found["credentials"].detail == "no credentials found"
-    assert "bucket" not in found
+    assert found["credentials"].hint is not None
+    assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in found["credentials"].hint
+    assert "s3.profile" in found["credentials"].hint
+    assert [name for name in found if found[name].status is Status.SKIP] == [
+        "bucket",
+        "clock",
+        "bucket write",
+    ]
+    assert found["bucket"].detail == "not checked: the credentials check failed"
+    assert "SKIP  clock: not checked: the credentials check failed" in render_checks(checks)
+    assert doctor_exit_code(checks) == ExitCode.FAILURE
 
 
 def test_unknown_profile_fails(
@@ -384,6 +448,7 @@ def test_render_one_line_per_check() -> None:
     checks = [
         Check("config", Status.OK, "valid"),
         Check("bucket", Status.FAIL, "s3://x does not exist", "check s3.bucket"),
+        Check("bucket write", Status.SKIP, "not checked: the bucket check failed"),
         Check("service", Status.WARN, "unknown"),
     ]
 
@@ -392,6 +457,7 @@ def test_render_one_line_per_check() -> None:
     assert text.splitlines() == [
         "OK    config: valid",
         "FAIL  bucket: s3://x does not exist (hint: check s3.bucket)",
+        "SKIP  bucket write: not checked: the bucket check failed",
         "WARN  service: unknown",
     ]
 

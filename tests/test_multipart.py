@@ -128,7 +128,9 @@ def test_resume_sends_only_missing_parts(
     path = write_log(tmp_path, "drive.mcap", FILE_SIZE)
     key = f"{prefix}drive.mcap"
     journal = MemoryJournal()
-    stop_after_first_part(make_uploader(seaweed.endpoint_url, bucket), path, key, journal)
+    stop_after_first_part(
+        make_uploader(seaweed.endpoint_url, bucket, parts_in_flight=1), path, key, journal
+    )
     assert journal.calls == ["start", "part 1"]
     assert len(open_uploads(s3, bucket, prefix)) == 1
 
@@ -136,8 +138,9 @@ def test_resume_sends_only_missing_parts(
     sent = record_sent_parts(uploader)
     result = uploader.upload(request_for(path, key), parts_journal=journal)
 
-    assert sent == [2, 3]
-    assert journal.calls[-3:] == ["part 2", "part 3", "finished"]
+    assert sorted(sent) == [2, 3]
+    assert sorted(journal.calls[-3:-1]) == ["part 2", "part 3"]
+    assert journal.calls[-1] == "finished"
     assert result.sha256 == file_sha256(path)
     assert object_sha256(s3, bucket, key) == result.sha256
     assert open_uploads(s3, bucket, prefix) == []
@@ -151,7 +154,9 @@ def test_resume_checks_unrecorded_part_by_md5(
     path = write_log(tmp_path, "drive.mcap", FILE_SIZE)
     key = f"{prefix}drive.mcap"
     journal = MemoryJournal()
-    stop_after_first_part(make_uploader(seaweed.endpoint_url, bucket), path, key, journal)
+    stop_after_first_part(
+        make_uploader(seaweed.endpoint_url, bucket, parts_in_flight=1), path, key, journal
+    )
     journal.parts.clear()
 
     uploader = make_uploader(seaweed.endpoint_url, bucket)
@@ -170,7 +175,9 @@ def test_resume_restarts_when_part_differs(
     path = write_log(tmp_path, "drive.mcap", FILE_SIZE)
     key = f"{prefix}drive.mcap"
     journal = MemoryJournal()
-    stop_after_first_part(make_uploader(seaweed.endpoint_url, bucket), path, key, journal)
+    stop_after_first_part(
+        make_uploader(seaweed.endpoint_url, bucket, parts_in_flight=1), path, key, journal
+    )
     stale_upload = journal.upload_id
     status = path.stat()
     with open(path, "r+b") as handle:
@@ -194,7 +201,9 @@ def test_resume_of_vanished_upload_starts_over(
     path = write_log(tmp_path, "drive.mcap", FILE_SIZE)
     key = f"{prefix}drive.mcap"
     journal = MemoryJournal()
-    stop_after_first_part(make_uploader(seaweed.endpoint_url, bucket), path, key, journal)
+    stop_after_first_part(
+        make_uploader(seaweed.endpoint_url, bucket, parts_in_flight=1), path, key, journal
+    )
     assert journal.upload_id is not None
     s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=journal.upload_id)
 
@@ -238,7 +247,9 @@ def test_resume_with_unfit_part_size_starts_over(
         request_for(path, key), parts_journal=journal
     )
 
-    assert journal.calls == ["start", "finished", "start", "part 1", "part 2", "part 3", "finished"]
+    assert journal.calls[:3] == ["start", "finished", "start"]
+    assert sorted(journal.calls[3:6]) == ["part 1", "part 2", "part 3"]
+    assert journal.calls[6:] == ["finished"]
     assert open_uploads(s3, bucket, prefix) == []
 
 
@@ -248,7 +259,9 @@ def test_below_threshold_drops_open_upload(
     path = write_log(tmp_path, "drive.mcap", FILE_SIZE)
     key = f"{prefix}drive.mcap"
     journal = MemoryJournal()
-    stop_after_first_part(make_uploader(seaweed.endpoint_url, bucket), path, key, journal)
+    stop_after_first_part(
+        make_uploader(seaweed.endpoint_url, bucket, parts_in_flight=1), path, key, journal
+    )
     uploader = make_uploader(seaweed.endpoint_url, bucket, multipart_threshold_bytes=64 * MiB)
 
     uploader.upload(request_for(path, key), parts_journal=journal)
@@ -265,7 +278,9 @@ def test_stop_with_journal_keeps_upload(
     key = f"{prefix}drive.mcap"
     journal = MemoryJournal()
 
-    stop_after_first_part(make_uploader(seaweed.endpoint_url, bucket), path, key, journal)
+    stop_after_first_part(
+        make_uploader(seaweed.endpoint_url, bucket, parts_in_flight=1), path, key, journal
+    )
 
     uploads = open_uploads(s3, bucket, prefix)
     assert [upload["UploadId"] for upload in uploads] == [journal.upload_id]

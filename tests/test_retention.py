@@ -646,10 +646,54 @@ def test_cleanup_dry_run_deletes_nothing(
     assert row_state(store, due_id) is FileState.UPLOADED
     assert row_state(store, old_id) is FileState.UPLOADED
     assert store.counters() == {}
-    assert lines[0].startswith(f"Filesystem holding {root}: 0.0% used, ")
+    assert lines[0].startswith(f"Filesystem holding {root}: 0.0% used, 0.9 GiB free ")
     assert lines[1].startswith(f"Would delete {due} ({SIZE} bytes) by rule after-upload: ")
     assert lines[2].startswith(f"Would delete {old} ({SIZE} bytes) by rule age: ")
-    assert lines[-1] == f"Would free {2 * SIZE} bytes (0.0 MiB) in 2 files"
+    assert lines[3] == f"Would free {2 * SIZE} bytes (0.0 MiB) in 2 files"
+    assert len(lines) == 4
+
+
+def test_cleanup_nothing_due_shows_kept_files(
+    tmp_path: Path, root: Path, store: StateStore, quiet_disk: FakeDisk
+) -> None:
+    # Given two files uploaded with keep_days 14 and 30, and one uploaded
+    # while after_upload was disabled.
+    upload(store, write(root / "a.log", age_days=1), keep_days=30)
+    upload(store, write(root / "b.log", age_days=1), at=NOW - DAY, keep_days=14)
+    undated = write(root / "c.log", age_days=1)
+    enqueue(store, undated)
+    store.mark_uploaded(claim(store, undated), "0" * 64, NOW, None, FileIdentity.of(undated))
+    config = parse_config({**settings(tmp_path), "timezone": "Asia/Shanghai"}, environ={})
+    out = io.StringIO()
+
+    # When a dry run finds nothing due.
+    code = cleanup_command(config, store, "after-upload", True, out, now=NOW, disk_usage=quiet_disk)
+
+    # Then it names the kept files, the earliest delete time and why keep_days did not move it.
+    assert code == ExitCode.OK
+    assert out.getvalue().splitlines() == [
+        "Would free 0 bytes (0.0 MiB) in 0 files",
+        (
+            "Kept 2 uploaded files until their delete time; the earliest is 2026-12-17 20:00 CST"
+            " (in 13.0 days)"
+        ),
+        (
+            "Kept 1 uploaded files that have no delete time: they were uploaded or imported"
+            " while deletion.after_upload was disabled, so that rule never deletes them"
+        ),
+        (
+            "Delete times are fixed at upload time, so a change of keep_days applies only to"
+            " files uploaded after it"
+        ),
+    ]
+
+
+def test_cleanup_without_uploads_prints_total_only(tmp_path: Path, store: StateStore) -> None:
+    out = io.StringIO()
+
+    cleanup_command(make_config(tmp_path), store, "after-upload", True, out, now=NOW)
+
+    assert out.getvalue().splitlines() == ["Would free 0 bytes (0.0 MiB) in 0 files"]
 
 
 def test_cleanup_runs_one_policy(

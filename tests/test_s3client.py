@@ -83,7 +83,7 @@ def test_botocore_config() -> None:
 
     config = botocore_config(settings)
 
-    assert config.retries == {"mode": "standard", "max_attempts": 3}
+    assert config.retries == {"mode": "standard", "total_max_attempts": 3}
     assert config.request_checksum_calculation == "when_required"
     assert config.response_checksum_validation == "when_required"
     assert config.max_pool_connections >= 16
@@ -235,11 +235,11 @@ def client_error(code: str, status: int, operation: str = "PutObject") -> Client
         ("AuthorizationHeaderMalformed", 400, "queue", True, False),
         ("InvalidStorageClass", 400, "queue", True, False),
         ("SomethingForbidden", 403, "queue", True, False),
-        ("SlowDown", 503, "file", True, True),
-        ("503", 503, "file", True, True),
-        ("ServiceUnavailable", 503, "file", True, True),
-        ("Throttling", 400, "file", True, True),
-        ("TooManyRequests", 429, "file", True, True),
+        ("SlowDown", 503, "queue", True, True),
+        ("503", 503, "queue", True, True),
+        ("ServiceUnavailable", 503, "queue", True, True),
+        ("Throttling", 400, "queue", True, True),
+        ("TooManyRequests", 429, "queue", True, True),
         ("InternalError", 500, "file", True, False),
         ("BadDigest", 400, "file", True, False),
         ("NoSuchUpload", 404, "file", True, False),
@@ -520,7 +520,7 @@ def test_real_slow_down_is_throttled(canned_server: ThreadingHTTPServer, tmp_pat
 
     assert raised.value.code in ("SlowDown", "503")
     assert raised.value.throttled is True
-    assert raised.value.scope == "file"
+    assert raised.value.scope == "queue"
 
 
 def test_real_head_forbidden_is_queue_error(canned_server: ThreadingHTTPServer) -> None:

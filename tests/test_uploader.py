@@ -122,7 +122,8 @@ def test_upload_paths_and_checksums(
         assert f"Checksum{algorithm}" in head
     if size > threshold:
         assert head["ETag"].endswith('-3"')
-        assert sent == [5 * MiB, 10 * MiB, size]
+        assert len(sent) == 3
+        assert sent == sorted(sent)
 
 
 def test_storage_class_is_sent(
@@ -273,7 +274,7 @@ def test_changed_during_multipart_aborts(
     request = request_for(path, f"{prefix}v/d/s/drive.mcap")
 
     def append_after_first_part(sent: int) -> None:
-        if sent == 5 * MiB:
+        if path.stat().st_size == 12 * MiB:
             with open(path, "ab") as handle:
                 handle.write(b"x")
 
@@ -303,7 +304,9 @@ def test_rewritten_in_place_during_multipart(
             os.utime(path, ns=(mtime_ns, mtime_ns))
 
     with pytest.raises(FileChangedError, match="part 3 differs"):
-        make_uploader(seaweed.endpoint_url, bucket).upload(request, progress=rewrite_last_part)
+        make_uploader(seaweed.endpoint_url, bucket, parts_in_flight=1).upload(
+            request, progress=rewrite_last_part
+        )
 
     assert open_uploads(s3, bucket, prefix) == []
 
@@ -330,7 +333,7 @@ def test_vanished_during_multipart_aborts(
             path.unlink()
 
     with pytest.raises(FileVanishedError) as raised:
-        make_uploader(seaweed.endpoint_url, bucket).upload(
+        make_uploader(seaweed.endpoint_url, bucket, parts_in_flight=1).upload(
             request, progress=remove_after_first_part
         )
 
@@ -346,7 +349,7 @@ def test_stop_without_journal_aborts(
     sent: list[int] = []
 
     with pytest.raises(UploadStoppedError):
-        make_uploader(seaweed.endpoint_url, bucket).upload(
+        make_uploader(seaweed.endpoint_url, bucket, parts_in_flight=1).upload(
             request, progress=sent.append, should_stop=lambda: bool(sent)
         )
 

@@ -34,8 +34,14 @@ def settings_for(endpoint_url: str, bucket: str, **overrides: Any) -> UploaderSe
     return UploaderSettings(**values)
 
 
-def make_uploader(endpoint_url: str, bucket: str, **overrides: Any) -> Uploader:
-    return Uploader(settings_for(endpoint_url, bucket, **overrides))
+def make_uploader(
+    endpoint_url: str, bucket: str, *, parts_in_flight: int | None = None, **overrides: Any
+) -> Uploader:
+    """An uploader for the local server; ``parts_in_flight=1`` sends parts one by one, in order."""
+    settings = settings_for(endpoint_url, bucket, **overrides)
+    if parts_in_flight is None:
+        return Uploader(settings)
+    return Uploader(settings, parts_in_flight=parts_in_flight)
 
 
 def write_log(directory: Path, name: str, size: int, seed: int = 0) -> Path:

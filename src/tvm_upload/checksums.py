@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 CHECKSUM_ALGORITHMS = frozenset({"SHA256", "CRC32C", "none"})
 
@@ -91,6 +91,19 @@ class ChecksumKind:
         """Return the boto3 argument that sends ``digest`` for the store to verify."""
         return {self.field or "ContentMD5": encode(digest)}
 
+    def confirms(self, response: Mapping[str, Any], digest: bytes) -> bool:
+        """Tell whether a PutObject or UploadPart response shows that the store verified ``digest``.
+
+        A store that checked an ``x-amz-checksum-*`` header returns it in the
+        response. For ``none`` the ETag of a single PUT or a part is the hex MD5 of
+        the body on S3 and the common S3-compatible stores (not with SSE-KMS), so an
+        equal ETag confirms the ``Content-MD5`` the store verified. False means the
+        response proves nothing, not that the upload is wrong.
+        """
+        if self.field is not None:
+            return response.get(self.field) == encode(digest)
+        return str(response.get("ETag", "")).strip('"') == digest.hex()
+
     def composite(self, part_digests: Sequence[bytes]) -> str | None:
         """Return the checksum S3 reports for a multipart object built from these parts.
 
@@ -108,3 +121,24 @@ class ChecksumKind:
 def encode(digest: bytes) -> str:
     """Encode a digest as the base64 text S3 uses in checksum headers."""
     return base64.b64encode(digest).decode("ascii")
+
+
+class StoreConfirmations:
+    """Whether the store confirmed the checksum in its latest upload response.
+
+    Shared by every upload thread of one uploader. While the latest response
+    confirmed its checksum, request bodies are not digested again as they are sent,
+    because the store verifies them. A response without confirmation turns the local
+    digest back on for the bodies that follow.
+    """
+
+    def __init__(self) -> None:
+        self._confirmed = False
+
+    @property
+    def verify_locally(self) -> bool:
+        """True while bodies must be digested as they are sent."""
+        return not self._confirmed
+
+    def record(self, confirmed: bool) -> None:
+        self._confirmed = confirmed

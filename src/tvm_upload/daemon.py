@@ -21,14 +21,17 @@ from tvm_upload.config import Config
 from tvm_upload.control import ControlServer, socket_path
 from tvm_upload.daemonstatus import write_daemon_status
 from tvm_upload.dispatcher import Dispatcher
-from tvm_upload.intake import Intake, directory_of, import_legacy_state
+from tvm_upload.errors import StateStoreError
+from tvm_upload.instancelock import InstanceLock
+from tvm_upload.intake import Intake, directory_of, import_legacy_state, state_store_lost
 from tvm_upload.notify import Notifier
 from tvm_upload.reload import ReloadPlan, load_reload, rescope_files
 from tvm_upload.reporting import MetricsReporter
 from tvm_upload.retention import Retention
 from tvm_upload.safety import DeletionRule
 from tvm_upload.schedule import DrainScope, Trigger, build_trigger
-from tvm_upload.state import StateStore, open_store
+from tvm_upload.state import CorruptStateStoreError, StateStore, open_store
+from tvm_upload.storeoutage import StoreOutage
 from tvm_upload.uploader import Uploader
 from tvm_upload.watcher import Watcher
 
@@ -77,6 +80,8 @@ class Daemon:
         self._drains_seen = 0
         self._started_at = 0.0
         self._control: ControlServer | None = None
+        self._lock = InstanceLock(config.state_file)
+        self._store_outage = StoreOutage(clock)
         self.store: StateStore
         self.intake: Intake
         self.dispatcher: Dispatcher
@@ -117,7 +122,7 @@ class Daemon:
         try:
             self._start()
             while not self._flags.stop:
-                self.step()
+                self._step_through_store_errors()
                 self._wake.wait(TICK_SECONDS)
                 self._wake.clear()
         finally:
@@ -126,10 +131,14 @@ class Daemon:
     def _start(self) -> None:
         config = self.config
         self._started_at = self.clock.time()
+        self._lock.acquire()
+        lost = state_store_lost(config.state_file)
         self.store, rebuilt = open_store(config.state_file, clock=self.clock.time)
+        rebuilt = rebuilt or lost
         if rebuilt:
             logger.error(
-                "Rebuilding the state store %s from a scan of the log directories",
+                "Rebuilding the state store %s from a scan of the log directories; a file"
+                " is uploaded again only if its S3 object is missing or differs",
                 config.state_file,
             )
 
@@ -155,15 +164,18 @@ class Daemon:
         self._start_control()
         self.metrics.start()
 
-        self._scan("Startup scan")
+        self.dispatcher.check_every_existing = rebuilt
+        self._startup_scan(rebuilt)
         if self.trigger.on_start():
             self.dispatcher.request_drain(include_failed=True)
 
         logger.info(
-            "Started: vehicle %s, %d log directories, %d files queued, state store %s",
+            "Started: vehicle %s, %d log directories, %d files queued, %d waiting to be"
+            " stable, state store %s",
             config.vehicle_id,
             len(config.log_directories),
             self.store.summary(self.clock.time()).queue_count,
+            len(self.intake.stability),
             config.state_file,
         )
         self.notifier.ready()
@@ -207,6 +219,17 @@ class Daemon:
             self.clock.monotonic() + self.config.upload.reconcile_interval_seconds
         )
 
+    def _startup_scan(self, rebuilt: bool) -> None:
+        """Scan for the backlog; after a rebuild, every log file (see ``Intake.rebuild_scan``)."""
+        if not rebuilt:
+            self._scan("Startup scan")
+            return
+
+        self.intake.rebuild_scan()
+        self._next_reconcile = (
+            self.clock.monotonic() + self.config.upload.reconcile_interval_seconds
+        )
+
     def _scan_min_mtime(self) -> float | None:
         """Return the oldest mtime a scan considers.
 
@@ -219,6 +242,53 @@ class Daemon:
         if scan_settings.max_age_days == 0:
             return None
         return self.clock.time() - scan_settings.max_age_days * SECONDS_PER_DAY
+
+    def _step_through_store_errors(self) -> None:
+        """Run ``step``, or wait out a state store outage with uploads paused.
+
+        A failed write (most often a full disk) was rolled back, so the store
+        stays consistent, and the step is tried again after a backoff (see
+        ``StoreOutage``). Meanwhile only the systemd watchdog is fed. A damaged
+        database ends the run with its error: the restart moves it aside and
+        rebuilds it.
+        """
+        outage = self._store_outage
+        if outage.waiting():
+            self.notifier.watchdog()
+            return
+
+        try:
+            self.step()
+            if outage.requeue_stuck and self.dispatcher.in_flight == 0:
+                self._requeue_stuck_uploads()
+        except CorruptStateStoreError as error:
+            logger.error("Stopping, because the state store is damaged: %s", error)
+            raise
+        except StateStoreError as error:
+            outage.failed(error, self.config.upload.retry)
+            self.notifier.watchdog()
+            return
+
+        outage.succeeded()
+
+    def _requeue_stuck_uploads(self) -> None:
+        """Queue again the rows whose upload finished while their outcome could not be written.
+
+        Such rows stay ``uploading`` with no upload running. Called only when no
+        upload is in flight, so every ``uploading`` row is one of them. Their
+        next upload finds the object by its ``sha256`` and sends nothing.
+        """
+        recovered = self.store.recover_interrupted()
+        self._store_outage.requeue_stuck = False
+        if recovered:
+            # Their objects may be in S3 already: check before every upload from now on.
+            self.dispatcher.check_every_existing = True
+            logger.info(
+                "Queued %d files again whose upload outcome was lost while the state store"
+                " could not be written",
+                recovered,
+            )
+            self.dispatcher.request_drain()
 
     def step(self) -> None:
         """Run one pass of every component."""
@@ -400,3 +470,4 @@ class Daemon:
             self.metrics.stop()
         if hasattr(self, "store"):
             self.store.close()
+        self._lock.release()

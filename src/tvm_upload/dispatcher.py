@@ -3,6 +3,9 @@
 The main loop calls ``step()``. Upload threads only run ``Uploader.upload``;
 each outcome is written to the state store on the main loop, which keeps
 the store's writers to one thread apart from the uploader's part journal.
+Each upload gets a journal on its row (``resume.StoreJournal``), so an
+interrupted multipart upload resumes, and ``resume.StaleUploadSweep`` aborts
+the multipart uploads that no row records any more.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from botocore.exceptions import BotoCoreError
+
 from tvm_upload.backoff import backoff_seconds
 from tvm_upload.clock import Clock
 from tvm_upload.config import Config
-from tvm_upload.errors import FileChangedError, FileVanishedError, UploadError
+from tvm_upload.errors import FileChangedError, FileVanishedError, TvmUploadError, UploadError
 from tvm_upload.metrics import count_failed_attempt, count_upload
+from tvm_upload.resume import StaleUploadSweep, StoreJournal
 from tvm_upload.state import FileRecord, StateStore
-from tvm_upload.uploader import Uploader, UploadRequest, UploadResult
+from tvm_upload.uploader import S3RequestError, Uploader, UploadRequest, UploadResult
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +77,9 @@ class Dispatcher:
     """Called from the upload thread when an upload ends, so the main loop can refill at once."""
 
     def __post_init__(self) -> None:
+        self._started_at = self.clock.time()
+        self.check_every_existing = False
+        self._interrupted: set[int] = set()
         self._pool = ThreadPoolExecutor(
             max_workers=self.config.upload.max_concurrency, thread_name_prefix="upload"
         )
@@ -82,6 +91,8 @@ class Dispatcher:
         self.drain_requests = 0
         self.drains_finished = 0
         self.changed: list[FileRecord] = []
+        self._sweep = StaleUploadSweep()
+        self._credentials_reloaded_monotonic = float("-inf")
 
     @property
     def busy(self) -> bool:
@@ -131,6 +142,8 @@ class Dispatcher:
         self._collect()
         if self._stopping.is_set() or self.clock.monotonic() < self._pause.until_monotonic:
             return
+        if self._sweep_holds_uploads():
+            return
 
         free = self.config.upload.max_concurrency - len(self._running)
         if free <= 0:
@@ -146,12 +159,55 @@ class Dispatcher:
         if not self._draining or free <= 0:
             return
 
-        claimed = self.store.claim(self.clock.time(), free)
+        claimed = self.store.claim(self.clock.time(), free, max_delay_seconds=self._longest_delay())
         for record in claimed:
             self._submit(record)
 
         if not claimed and not self._running:
             self._finish_drain()
+
+    def _sweep_holds_uploads(self) -> bool:
+        """Collect or start the sweep of abandoned multipart uploads; True while it runs.
+
+        A due sweep starts only while no upload runs, and no upload starts until
+        it ends, so it never aborts an upload that is being created.
+        """
+        now = self.clock.monotonic()
+        error = self._sweep.collect(now)
+        if error is not None:
+            self._reload_expired_credentials(error, now)
+
+        if self._sweep.due(now) and not self._running:
+            prefix = f"{self.config.vehicle_id}/"
+            future = self._sweep.start(
+                self._pool, self.uploader, prefix, self.store.open_upload_ids()
+            )
+            notify = self.on_finished
+            if notify is not None:
+                future.add_done_callback(lambda _future: notify())
+        return self._sweep.running
+
+    def _may_exist(self, record: FileRecord) -> bool:
+        """Tell whether this content may already be in S3, so a HEAD should come first.
+
+        A row queued by this process and never attempted cannot be: its content
+        was never sent. Rows from before the start (a crash may have hit after
+        S3 stored the object but before the row was marked), rows whose attempt
+        ended in any error (S3 may have stored the object before the connection
+        broke), and every row after a state-store rebuild get the check.
+        """
+        return (
+            self.check_every_existing
+            or record.id in self._interrupted
+            or record.attempts > 0
+            or record.queued_at < self._started_at
+            or record.upload_id is not None
+        )
+
+    def _longest_delay(self) -> float:
+        """Return a bound on any retry delay set here; a later due time means the clock stepped back."""
+        upload = self.config.upload
+        return max(upload.retry.max_delay_seconds, upload.file_stable_seconds) + 60.0
 
     def _finish_drain(self) -> None:
         if self.store.has_pending():
@@ -166,8 +222,14 @@ class Dispatcher:
             identity=record.identity,
             source=record.source,
             vehicle_id=self.config.vehicle_id,
+            check_existing=self._may_exist(record),
         )
-        future = self._pool.submit(self.uploader.upload, request, should_stop=self._stopping.is_set)
+        future = self._pool.submit(
+            self.uploader.upload,
+            request,
+            should_stop=self._stopping.is_set,
+            parts_journal=StoreJournal(self.store, record.id, record.identity),
+        )
         self._running[record.id] = _Running(record, future, self.clock.monotonic())
         notify = self.on_finished
         if notify is not None:
@@ -193,6 +255,7 @@ class Dispatcher:
             self._record_failure(running.record, UploadError(repr(error)))
 
     def _record_success(self, record: FileRecord, result: UploadResult) -> None:
+        self._interrupted.discard(record.id)
         now = self.clock.time()
         after_upload = self.config.deletion.after_upload
         delete_after = (
@@ -203,6 +266,7 @@ class Dispatcher:
         )
 
         self._pause = _QueuePause()
+        self._sweep.after_upload(self.clock.monotonic())
         self.stats.last_upload_at = now
         if result.skipped_existing:
             logger.info(
@@ -234,6 +298,7 @@ class Dispatcher:
         started before the current pause fail the same way and do not
         lengthen it.
         """
+        self._interrupted.add(record.id)
         if isinstance(error, FileVanishedError):
             logger.info("Removed %s from the queue: %s", record.path, error)
             self.store.remove(record.id)
@@ -254,6 +319,7 @@ class Dispatcher:
             self.store.release(record.id)
             return
 
+        self._reload_expired_credentials(error, started_monotonic)
         if error.scope == "queue":
             self.store.release(record.id)
             if started_monotonic >= self._pause.began_monotonic:
@@ -261,6 +327,24 @@ class Dispatcher:
             return
 
         self._charge_attempt(record, error)
+
+    def _reload_expired_credentials(self, error: UploadError, started_monotonic: float) -> None:
+        """Read the credentials again when S3 reported them expired or missing.
+
+        One reload serves every request that started before it, so uploads that
+        were in flight and fail alike do not reload again.
+        """
+        if not isinstance(error, S3RequestError) or not error.credentials_expired:
+            return
+        if started_monotonic < self._credentials_reloaded_monotonic:
+            return
+
+        self._credentials_reloaded_monotonic = self.clock.monotonic()
+        logger.info("Reading the S3 credentials again before the next attempt")
+        try:
+            self.uploader.reload_credentials()
+        except (TvmUploadError, BotoCoreError) as reload_error:
+            logger.error("Cannot read the S3 credentials again: %s", reload_error)
 
     def _charge_attempt(self, record: FileRecord, error: UploadError) -> None:
         attempt = record.attempts + 1
@@ -291,15 +375,39 @@ class Dispatcher:
         )
 
     def _pause_queue(self, error: UploadError) -> None:
+        """Pause every upload after an error that each of them would hit; charge no file.
+
+        The pause grows with each try since the last successful upload, with the
+        backoff of ``upload.retry``. The first pause for an error logs the whole
+        error at ERROR (WARNING for throttling, which heals by itself); repeats of
+        the same error code log one short WARNING (INFO for throttling) per pause.
+        """
         self._pause.consecutive += 1
         delay = self._backoff(self._pause.consecutive)
         self._pause.began_monotonic = self.clock.monotonic()
         self._pause.until_monotonic = self._pause.began_monotonic + delay
 
-        message = str(error)
-        level = logging.ERROR if message != self._pause.last_message else logging.WARNING
-        self._pause.last_message = message
-        logger.log(level, "Paused all uploads for %.1f s: %s", delay, message)
+        # last_message holds the error code, because the text names a file or key.
+        code = str(getattr(error, "code", None) or type(error).__name__)
+        repeated = code == self._pause.last_message
+        self._pause.last_message = code
+        throttled = bool(getattr(error, "throttled", False))
+        if repeated:
+            logger.log(
+                logging.INFO if throttled else logging.WARNING,
+                "All uploads still paused: %s again (try %d since the last upload); next try in"
+                " %.1f s",
+                code,
+                self._pause.consecutive,
+                delay,
+            )
+        else:
+            logger.log(
+                logging.WARNING if throttled else logging.ERROR,
+                "Paused all uploads: %s. Next try in %.1f s; no file is charged an attempt",
+                error,
+                delay,
+            )
 
     def _backoff(self, attempt: int) -> float:
         retry = self.config.upload.retry

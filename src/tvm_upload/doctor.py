@@ -1,9 +1,11 @@
 """``tvm-upload doctor``: checks of the configuration and of everything the daemon relies on.
 
-Each check returns a ``Check`` with status OK, WARN or FAIL, a one-line
-detail and, when something is wrong, a hint with the next step. No check
-prints a secret: credentials are described by where botocore found them.
-The bucket check writes one small probe object under
+Each check returns a ``Check`` with status OK, WARN, FAIL or SKIP, a
+one-line detail and, when something is wrong, a hint with the next step.
+SKIP marks a check that could not run because an earlier one failed (no
+credentials, bucket unreachable), so every check has a line in the output.
+No check prints a secret: credentials are described by where botocore
+found them. The bucket check writes one small probe object under
 ``{vehicle_id}/.doctor/`` and deletes it again.
 """
 
@@ -31,6 +33,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from tvm_upload.cloudwatch import build_cloudwatch_client
 from tvm_upload.config import Config, load_config
+from tvm_upload.daemonstatus import read_daemon_status
 from tvm_upload.errors import ConfigError, ExitCode
 from tvm_upload.metrics import watched_disks
 from tvm_upload.s3client import (
@@ -45,6 +48,8 @@ from tvm_upload.state import QUEUE_STATES, SCHEMA_VERSION, FileState
 # seconds. S3 rejects requests signed more than 15 minutes off (RequestTimeTooSkewed).
 CLOCK_SKEW_WARN_SECONDS = 60.0
 CLOCK_SKEW_FAIL_SECONDS = 15 * 60.0
+# The daemon rewrites its status file every 10 s, so an older file means no daemon runs.
+DAEMON_STATUS_FRESH_SECONDS = 60.0
 
 INOTIFY_WATCHES_PATH = Path("/proc/sys/fs/inotify/max_user_watches")
 SERVICE_NAME = "tvm-upload"
@@ -54,6 +59,8 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 READ_TIMEOUT_SECONDS = 10.0
 PROBE_BODY = b"tvm-upload doctor probe; safe to delete\n"
 GiB = 1024**3
+# Checks that need a response from S3, in the order they run.
+BUCKET_CHECKS = ("bucket", "clock", "bucket write")
 
 CommandRunner = Callable[[Sequence[str]], tuple[int, str]]
 """Runs a command and returns its exit code and its output (stdout and stderr)."""
@@ -69,6 +76,7 @@ class Status(str, enum.Enum):
     OK = "OK"
     WARN = "WARN"
     FAIL = "FAIL"
+    SKIP = "SKIP"
 
 
 @dataclass(frozen=True)
@@ -99,9 +107,10 @@ def run_doctor(
 ) -> list[Check]:
     """Run every check and return them in order.
 
-    ``clock`` is wall-clock seconds, compared with the S3 ``Date`` header.
-    ``run_command`` runs ``systemctl`` (default: ``subprocess``). When the
-    configuration is invalid, only the checks that need no configuration follow.
+    ``clock`` is wall-clock seconds, compared with the S3 ``Date`` header
+    and the daemon's status file. ``run_command`` runs ``systemctl``
+    (default: ``subprocess``). When the configuration is invalid, only the
+    checks that need no configuration follow.
     """
     service = check_service(run_command or _run_command)
     try:
@@ -118,14 +127,20 @@ def run_doctor(
     checks = [_config_valid(config_path, config), check_log_directories(config)]
     credentials = check_credentials(config)
     checks.append(credentials)
-    if credentials.status is not Status.FAIL:
+    if credentials.status is Status.FAIL:
+        checks += _skipped(BUCKET_CHECKS, "the credentials check failed")
+    else:
         checks += check_bucket(config, clock)
     checks.append(check_state_store(config))
     checks.append(check_inotify(config, inotify_watches_path))
     checks += check_disks(config)
     checks.append(check_cloudwatch(config))
-    checks.append(service)
+    checks.append(check_running_daemon(config, service, clock()))
     return checks
+
+
+def _skipped(names: Sequence[str], reason: str) -> list[Check]:
+    return [Check(name, Status.SKIP, f"not checked: {reason}") for name in names]
 
 
 def _config_valid(config_path: Path | str, config: Config) -> Check:
@@ -178,7 +193,11 @@ def check_credentials(config: Config) -> Check:
         return Check("credentials", Status.FAIL, f"cannot load credentials: {error}", hint)
 
     if credentials is None:
-        hint = "set s3.profile and s3.credentials_path, or give the service an instance role"
+        hint = (
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment (for the"
+            " service, with Environment= in a drop-in), or s3.profile and"
+            " s3.credentials_path (docs/credentials.md), or give the vehicle an instance role"
+        )
         return Check("credentials", Status.FAIL, "no credentials found", hint)
 
     where = f" (profile {settings.profile})" if settings.profile else ""
@@ -216,7 +235,8 @@ def check_bucket(config: Config, clock: Callable[[], float]) -> list[Check]:
     try:
         client = _single_attempt_client(settings)
     except ConfigError as error:
-        return [Check("bucket", Status.FAIL, "; ".join(error.problems))]
+        failed = Check("bucket", Status.FAIL, "; ".join(error.problems))
+        return [failed, *_skipped(BUCKET_CHECKS[1:], "no S3 client could be built")]
 
     endpoint = client.meta.endpoint_url
     sent_at = clock()
@@ -227,7 +247,8 @@ def check_bucket(config: Config, clock: Callable[[], float]) -> list[Check]:
         reachable = _bucket_error(settings.bucket, error)
     except BotoCoreError as error:
         detail = f"cannot reach {endpoint}: {error}"
-        return [Check("bucket", Status.FAIL, detail, "check the network and s3.endpoint_url")]
+        failed = Check("bucket", Status.FAIL, detail, "check the network and s3.endpoint_url")
+        return [failed, *_skipped(BUCKET_CHECKS[1:], "S3 did not respond")]
     else:
         reachable = Check("bucket", Status.OK, f"s3://{settings.bucket} is reachable at {endpoint}")
 
@@ -236,6 +257,8 @@ def check_bucket(config: Config, clock: Callable[[], float]) -> list[Check]:
     checks = [reachable, check_clock_skew(headers.get("date"), local_time)]
     if reachable.status is Status.OK:
         checks.append(_probe_write(client, config, settings, clock()))
+    else:
+        checks += _skipped(BUCKET_CHECKS[2:], "the bucket check failed")
     return checks
 
 
@@ -437,6 +460,52 @@ def check_service(run_command: CommandRunner) -> Check:
         return Check("service", Status.OK, f"{SERVICE_NAME}.service is active")
     hint = f"sudo systemctl enable --now {SERVICE_NAME}; journalctl -u {SERVICE_NAME} -b"
     return Check("service", Status.WARN, f"{SERVICE_NAME}.service is not active: {state}", hint)
+
+
+def check_running_daemon(config: Config, service: Check, now: float) -> Check:
+    """Turn a ``service`` WARN into OK when a daemon with this configuration runs outside systemd.
+
+    The daemon rewrites ``daemon-status.json`` beside the state store every
+    10 s. A file updated within ``DAEMON_STATUS_FRESH_SECONDS`` of ``now``
+    (wall-clock seconds) whose PID is alive means a daemon runs, for
+    example ``tvm-upload run`` in a terminal.
+    """
+    if service.status is Status.OK:
+        return service
+
+    pid = _fresh_daemon_pid(config.state_file, now)
+    if pid is None:
+        return service
+    detail = f"daemon running (PID {pid}), not as {SERVICE_NAME}.service"
+    return Check("service", Status.OK, detail)
+
+
+def _fresh_daemon_pid(state_file: Path, now: float) -> int | None:
+    status = read_daemon_status(state_file)
+    if status is None:
+        return None
+
+    pid, updated_at = status.get("pid"), status.get("updated_at")
+    if not isinstance(pid, int) or not isinstance(updated_at, (int, float)):
+        return None
+    if abs(now - updated_at) >= DAEMON_STATUS_FRESH_SECONDS:
+        return None
+    return pid if _process_exists(pid) else None
+
+
+def _process_exists(pid: int) -> bool:
+    # kill() with a PID of 0 or below signals a process group, not one process.
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _run_command(args: Sequence[str]) -> tuple[int, str]:

@@ -19,6 +19,7 @@ class ExitCode(enum.IntEnum):
     UNAVAILABLE = 69
     SOFTWARE = 70
     CANT_CREATE = 73
+    TEMPFAIL = 75
     CONFIG = 78
 
 
@@ -50,6 +51,12 @@ class StateStoreError(TvmUploadError):
     """The state store cannot be opened or written."""
 
     exit_code = ExitCode.CANT_CREATE
+
+
+class AlreadyRunningError(TvmUploadError):
+    """Another tvm-upload process already uses this state store."""
+
+    exit_code = ExitCode.TEMPFAIL
 
 
 class UploadError(TvmUploadError):

@@ -8,7 +8,9 @@ one thread.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import stat
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
@@ -20,7 +22,7 @@ from tvm_upload.files import FileIdentity
 from tvm_upload.keys import ObjectKeyError, build_key
 from tvm_upload.scan import scan
 from tvm_upload.stability import ReadyFile, StabilityTracker
-from tvm_upload.state import EnqueueResult, StateStore
+from tvm_upload.state import EnqueueResult, FileState, StateStore
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ class Intake:
         """
         observed = 0
         for found in scan(self.config.log_directories, min_mtime=min_mtime):
+            if not storable(found.path):
+                continue
             identity = FileIdentity.from_stat(found.stat)
             if self.store.is_known(found.path, identity):
                 continue
@@ -108,8 +112,10 @@ class Intake:
         return queued
 
     def _enqueue(self, ready: ReadyFile) -> bool:
+        if not storable(ready.path) or not below_root_without_symlinks(ready.path, ready.directory):
+            return False
         try:
-            key = self.store.object_key_for(ready.path) or self._build_key(ready)
+            key = self._object_key(ready)
         except ObjectKeyError as error:
             logger.error("Skipped %s: it has no valid object key: %s", ready.path, error)
             return False
@@ -129,6 +135,22 @@ class Intake:
             )
             return True
         return False
+
+    def _object_key(self, ready: ReadyFile) -> str:
+        """Return the path's first object key, or a new one for a new file at a deleted path.
+
+        A new file at a path whose file retention deleted must not replace the
+        deleted file's object, which is then its only copy: when the new key
+        equals the old one, ``~<mtime in ns>`` is appended.
+        """
+        record = self.store.record_for(ready.path)
+        if record is not None and record.state is not FileState.DELETED:
+            return record.object_key
+
+        key = self._build_key(ready)
+        if record is not None and key == record.object_key:
+            key = f"{key}~{ready.identity.mtime_ns}"
+        return key
 
     def _build_key(self, ready: ReadyFile) -> str:
         relative = PurePosixPath(ready.path.relative_to(ready.directory.path).as_posix())
@@ -162,7 +184,10 @@ def import_legacy_state(config: Config, store: StateStore, clock: Clock) -> int:
 
     def resolve(path: Path) -> tuple[str, str] | None:
         directory = directory_of(config, path)
-        if directory is None:
+        if directory is None or not storable(path):
+            return None
+        if not below_root_without_symlinks(path, directory) or path.is_symlink():
+            logger.warning("Skipped legacy entry %s: it is reached through a symlink", path)
             return None
         try:
             mtime_ns = path.lstat().st_mtime_ns
@@ -216,4 +241,53 @@ def state_store_lost(state_file: Path) -> bool:
         state_file,
         status_file,
     )
+    return True
+
+
+_unstorable_logged: set[str] = set()
+
+
+def storable(path: Path) -> bool:
+    """Tell whether the state store can hold ``path``; log each path that it cannot, once.
+
+    Paths are stored as UTF-8 text, so a file name that is not valid UTF-8
+    (Python keeps such bytes as surrogate escapes) cannot be queued.
+    """
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        if text not in _unstorable_logged:
+            _unstorable_logged.add(text)
+            logger.error(
+                "Skipped %r: its name is not valid UTF-8, which the state store cannot hold;"
+                " rename the file to upload it",
+                text,
+            )
+        return False
+    return True
+
+
+def below_root_without_symlinks(path: Path, directory: LogDirectory) -> bool:
+    """Tell whether every directory between the root and ``path`` is a real directory.
+
+    A directory swapped for a symlink after the file was detected would
+    otherwise lead the upload outside the watched tree.
+    """
+    try:
+        relative = path.relative_to(directory.path)
+    except ValueError:
+        return False
+
+    current = directory.path
+    for part in relative.parts[:-1]:
+        current = current / part
+        try:
+            if not stat.S_ISDIR(os.lstat(current).st_mode):
+                logger.warning(
+                    "Skipped %s: %s is no longer a directory inside the tree", path, current
+                )
+                return False
+        except OSError:
+            return False
     return True

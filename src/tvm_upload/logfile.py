@@ -7,6 +7,7 @@ never read past the queued size, even when the file has grown since.
 
 ``read_digests`` is the first read pass over a file: the SHA-256 of the whole
 content, and one digest per part (the whole file is one part for a single PUT).
+``PartReader`` is the request body of the second pass, which sends the bytes.
 """
 
 from __future__ import annotations
@@ -15,21 +16,20 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar, final
+from typing import Any, final
 
-from tvm_upload.checksums import ChecksumKind
+from tvm_upload.checksums import ChecksumKind, Digest
 from tvm_upload.errors import FileChangedError, FileVanishedError, UploadError
 from tvm_upload.files import FileIdentity
 
 MiB = 1024 * 1024
 READ_CHUNK_BYTES = 1 * MiB
 """Buffer of the digest pass; large enough that hashlib releases the GIL for most of it."""
-
-Result = TypeVar("Result")
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -197,54 +197,105 @@ def read_digests(
     kind: ChecksumKind,
     md5_parts: Collection[int] = (),
     should_stop: Callable[[], bool] | None = None,
+    helper: Executor | None = None,
 ) -> ContentDigests:
     """Read the whole file once and return its SHA-256 and per-part digests.
 
-    Memory stays at one ``READ_CHUNK_BYTES`` buffer. ``should_stop`` is polled
+    Memory stays at one ``READ_CHUNK_BYTES`` buffer. When the file is one part and
+    the checksum kind is SHA-256, the part digest is the SHA-256 itself and is not
+    computed twice. Otherwise ``helper``, if given, updates the part digests while
+    this thread updates the SHA-256, so that the two hashes of each chunk run on two
+    cores (hashlib releases the GIL for large updates). ``should_stop`` is polled
     before each part; when it returns True, UploadStoppedError is raised.
     """
+    spans = part_spans(log_file.size, part_size)
     whole = hashlib.sha256()
+    shared = kind.name == "SHA256" and len(spans) == 1
     buffer = memoryview(bytearray(READ_CHUNK_BYTES))
     result = ContentDigests(sha256="", part_digests=[])
 
-    for number, (offset, length) in enumerate(part_spans(log_file.size, part_size), start=1):
+    for number, (offset, length) in enumerate(spans, start=1):
         if should_stop is not None and should_stop():
             raise UploadStoppedError(f"upload of {log_file.path} stopped while reading it")
 
-        digest = kind.new()
-        md5 = hashlib.md5(usedforsecurity=False) if number in md5_parts else None
+        part = _PartDigests(kind, shared=shared, md5=number in md5_parts)
         for chunk_offset in range(offset, offset + length, READ_CHUNK_BYTES):
             view = buffer[: min(READ_CHUNK_BYTES, offset + length - chunk_offset)]
             log_file.read_into(chunk_offset, view)
-            whole.update(view)
-            digest.update(view)
-            if md5 is not None:
-                md5.update(view)
+            part.update_with(whole, view, helper)
 
-        result.part_digests.append(digest.digest())
-        if md5 is not None:
-            result.part_md5[number] = md5.hexdigest()
+        result.part_digests.append(whole.digest() if shared else part.digest())
+        if part.md5 is not None:
+            result.part_md5[number] = part.md5.hexdigest()
 
     result.sha256 = whole.hexdigest()
     return result
 
 
+class _PartDigests:
+    """The checksum kind's digest and the optional MD5 of one part during ``read_digests``."""
+
+    def __init__(self, kind: ChecksumKind, *, shared: bool, md5: bool) -> None:
+        self.checksum = None if shared else kind.new()
+        self.md5 = hashlib.md5(usedforsecurity=False) if md5 else None
+
+    def update(self, view: memoryview) -> None:
+        if self.checksum is not None:
+            self.checksum.update(view)
+        if self.md5 is not None:
+            self.md5.update(view)
+
+    def update_with(self, whole: Digest, view: memoryview, helper: Executor | None) -> None:
+        """Update these digests and ``whole`` with ``view``; both are done when this returns."""
+        if helper is None or (self.checksum is None and self.md5 is None):
+            whole.update(view)
+            self.update(view)
+            return
+
+        pending = helper.submit(self.update, view)
+        try:
+            whole.update(view)
+        finally:
+            pending.result()
+
+    def digest(self) -> bytes:
+        assert self.checksum is not None
+        return self.checksum.digest()
+
+
+CHECKSUM_REJECTED_CODES = frozenset({"BadDigest", "XAmzContentSHA256Mismatch"})
+"""S3 error codes for a body that does not match the checksum sent with it."""
+
+
 class PartReader:
     """A file-like view of one byte range of a log file, for a streamed request body.
 
-    botocore may read the body more than once: to sign it over plain HTTP, and again
-    after a retry. Every read from offset 0 starts a new digest, so ``digest()``
-    covers the bytes of the last complete pass, the ones that reached the store.
+    With ``verify`` the reader digests the bytes it returns. botocore may read the
+    body more than once: to sign it over plain HTTP, and again after a retry. Every
+    read from offset 0 starts a new digest, so ``digest()`` covers the bytes of the
+    last complete pass, the ones that reached the store. Without ``verify`` the
+    store's checksum verification alone proves what was sent, which saves one hash
+    of every byte.
     """
 
-    def __init__(self, log_file: LogFile, offset: int, length: int, kind: ChecksumKind) -> None:
+    def __init__(
+        self,
+        log_file: LogFile,
+        offset: int,
+        length: int,
+        kind: ChecksumKind,
+        *,
+        verify: bool = True,
+    ) -> None:
         self._log_file = log_file
         self._offset = offset
         self._length = length
         self._kind = kind
+        self._verify = verify
         self._position = 0
         self._digest = kind.new()
         self._digested = 0
+        self.confirmed = False
 
     def read(self, size: int = -1) -> bytes:
         remaining = self._length - self._position
@@ -253,7 +304,7 @@ class PartReader:
             return b""
 
         data = self._log_file.read(self._offset + self._position, count)
-        if self._digested == self._position:
+        if self._verify and self._digested == self._position:
             self._digest.update(data)
             self._digested += count
         self._position += count
@@ -272,30 +323,58 @@ class PartReader:
 
     def digest(self) -> bytes | None:
         """Return the digest of the last full sequential read, None if there was none."""
-        if self._digested != self._length:
+        if not self._verify or self._digested != self._length:
             return None
         return self._digest.digest()
 
-    def send(self, request: Callable[[PartReader], Result], expected: bytes, what: str) -> Result:
-        """Call ``request`` with this reader as its body, then compare the bytes read.
+    def send(
+        self, request: Callable[[PartReader], Mapping[str, Any]], expected: bytes, what: str
+    ) -> Mapping[str, Any]:
+        """Call ``request`` with this reader as its body, then prove the bytes sent.
 
         ``expected`` is the digest from the first read pass, which the request also
-        sends for the store to verify. Raises FileChangedError when the bytes read
-        differ from it, also when the store rejected the request because of that.
+        sends for the store to verify. The bytes are proven by this reader's digest,
+        or by the response when it confirms ``expected`` (``confirmed`` is then
+        True), or else by reading and digesting the range once more. Raises
+        FileChangedError when they differ from ``expected``, also when the store
+        rejected the request because of that.
         """
         try:
             response = request(self)
         except Exception as exc:
             if self.digest() not in (None, expected):
                 raise self._changed(what) from exc
+            if _is_checksum_rejection(exc) and self._digest_again() != expected:
+                raise self._changed(what) from exc
             raise
 
-        if self.digest() not in (None, expected):
+        self.confirmed = self._kind.confirms(response, expected)
+        digest = self.digest()
+        if digest is None and not self.confirmed:
+            digest = self._digest_again()
+        if digest not in (None, expected):
             raise self._changed(what)
         return response
+
+    def _digest_again(self) -> bytes:
+        digest = self._kind.new()
+        buffer = memoryview(bytearray(min(READ_CHUNK_BYTES, max(self._length, 1))))
+        end = self._offset + self._length
+        for chunk_offset in range(self._offset, end, len(buffer)):
+            view = buffer[: min(len(buffer), end - chunk_offset)]
+            self._log_file.read_into(chunk_offset, view)
+            digest.update(view)
+        return digest.digest()
 
     def _changed(self, what: str) -> FileChangedError:
         return FileChangedError(
             f"log file {self._log_file.path} changed during upload: {what} differs "
             "from the first read"
         )
+
+
+def _is_checksum_rejection(exc: BaseException) -> bool:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return False
+    return response.get("Error", {}).get("Code") in CHECKSUM_REJECTED_CODES

@@ -8,11 +8,14 @@ kept only when it is proven to hold the same bytes: its ETag and checksum match 
 journal's record and the file's digest, or its ETag equals the MD5 of the file's
 part.
 
-Parts are sent one after another, each streamed from the file. The checksum in each
+Parts are streamed from the file, several at a time when a ``PartPipeline`` has an
+executor, so that one large file uses several connections. The checksum in each
 UploadPart request comes from the first read pass (``read_digests``), the one that
 also computed the SHA-256 for the object metadata, so the store's verification proves
 that the bytes sent are the bytes hashed. A part whose bytes differ between the two
-reads means the file changed: FileChangedError, and the upload is aborted.
+reads means the file changed: FileChangedError, and the upload is aborted. The
+journal, ``progress`` and the file's identity check run on the calling thread, in the
+order in which parts complete.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from tvm_upload.checksums import ChecksumKind, encode
+from tvm_upload.checksums import ChecksumKind, StoreConfirmations, encode
 from tvm_upload.errors import FileChangedError, FileVanishedError, UploadError
 from tvm_upload.logfile import (
     ContentDigests,
@@ -109,6 +113,20 @@ class ObjectTarget:
     key: str
 
 
+@dataclass(frozen=True)
+class PartPipeline:
+    """How the parts of one file are sent.
+
+    ``executor`` runs up to ``in_flight`` UploadPart requests of the file at once;
+    None sends them one after another on the calling thread. ``confirmations``
+    decides whether part bodies are digested as they are sent.
+    """
+
+    executor: Executor | None = None
+    in_flight: int = 1
+    confirmations: StoreConfirmations = field(default_factory=StoreConfirmations)
+
+
 def abort_upload(target: ObjectTarget, upload_id: str) -> bool:
     """Abort a multipart upload; True when it is gone, False when the abort failed.
 
@@ -173,6 +191,7 @@ class MultipartTransfer:
         journal: PartsJournal | None = None,
         should_stop: Callable[[], bool] | None = None,
         progress: Callable[[int], None] | None = None,
+        pipeline: PartPipeline | None = None,
     ) -> None:
         self.target = target
         self.log_file = log_file
@@ -180,8 +199,10 @@ class MultipartTransfer:
         self.journal = journal
         self.should_stop = should_stop
         self.progress = progress
+        self.pipeline = pipeline or PartPipeline()
         self.part_size = part_size_for(log_file.size, min_part_size)
         self.upload_id: str | None = None
+        self._sent_bytes = 0
         self._server_parts: dict[int, Mapping[str, Any]] = {}
         self._journal_parts: dict[int, UploadedPart] = {}
 
@@ -282,18 +303,82 @@ class MultipartTransfer:
     def _send_parts(
         self, digests: ContentDigests, kept: Mapping[int, UploadedPart]
     ) -> list[UploadedPart]:
-        parts: list[UploadedPart] = []
-        sent_bytes = 0
-        for number, (offset, length) in enumerate(self._spans(), start=1):
-            part = kept.get(number)
-            if part is None:
-                part = self._send_part(number, offset, length, digests.part_digests[number - 1])
-            parts.append(part)
+        parts = dict(kept)
+        self._sent_bytes = sum(part.size for part in kept.values())
+        if kept and self.progress is not None:
+            self.progress(self._sent_bytes)
 
-            sent_bytes += length
-            if self.progress is not None:
-                self.progress(sent_bytes)
-        return parts
+        missing = [
+            (number, offset, length, digests.part_digests[number - 1])
+            for number, (offset, length) in enumerate(self._spans(), start=1)
+            if number not in kept
+        ]
+        if self.pipeline.executor is None or self.pipeline.in_flight <= 1:
+            for number, offset, length, expected in missing:
+                self._check_stop(number)
+                self._part_done(parts, self._send_part(number, offset, length, expected))
+        else:
+            self._send_concurrently(missing, parts, self.pipeline.executor)
+        return [parts[number] for number in sorted(parts)]
+
+    def _send_concurrently(
+        self,
+        missing: list[tuple[int, int, int, bytes]],
+        parts: dict[int, UploadedPart],
+        executor: Executor,
+    ) -> None:
+        """Keep up to ``in_flight`` parts sending; record each one as it completes.
+
+        On a failure or a stop, parts not yet started are cancelled and the ones
+        running are waited for, and those that completed are still recorded in the
+        journal, so that a resume need not send them again.
+        """
+        running: set[Future[UploadedPart]] = set()
+        try:
+            for number, offset, length, expected in missing:
+                while len(running) >= self.pipeline.in_flight:
+                    running = self._collect(running, parts)
+                self._check_stop(number)
+                running.add(executor.submit(self._send_part, number, offset, length, expected))
+            while running:
+                running = self._collect(running, parts)
+        except BaseException:
+            self._settle(running, parts)
+            raise
+
+    def _collect(
+        self, running: set[Future[UploadedPart]], parts: dict[int, UploadedPart]
+    ) -> set[Future[UploadedPart]]:
+        done, still_running = wait(running, return_when=FIRST_COMPLETED)
+        for future in sorted(done, key=lambda item: item.exception() is not None):
+            self._part_done(parts, future.result())
+        return still_running
+
+    def _settle(self, running: set[Future[UploadedPart]], parts: dict[int, UploadedPart]) -> None:
+        for future in running:
+            future.cancel()
+        for future in wait(running).done:
+            if future.cancelled() or future.exception() is not None:
+                continue
+            part = future.result()
+            if part.part_number not in parts:
+                self._record(part)
+
+    def _check_stop(self, number: int) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise UploadStoppedError(f"upload of {self.log_file.path} stopped before part {number}")
+
+    def _part_done(self, parts: dict[int, UploadedPart], part: UploadedPart) -> None:
+        parts[part.part_number] = part
+        self._record(part)
+        self._sent_bytes += part.size
+        if self.progress is not None:
+            self.progress(self._sent_bytes)
+        self.log_file.check_unchanged()
+
+    def _record(self, part: UploadedPart) -> None:
+        if self.journal is not None:
+            self.journal.part_done(part.part_number, part.etag, part.checksum, part.size)
 
     def _spans(self) -> list[tuple[int, int]]:
         return part_spans(self.log_file.size, self.part_size)
@@ -355,10 +440,11 @@ class MultipartTransfer:
         return None
 
     def _send_part(self, number: int, offset: int, length: int, expected: bytes) -> UploadedPart:
-        if self.should_stop is not None and self.should_stop():
-            raise UploadStoppedError(f"upload of {self.log_file.path} stopped before part {number}")
-
-        body = PartReader(self.log_file, offset, length, self.kind)
+        """Send one part; runs on a pipeline thread, so it touches neither journal nor progress."""
+        confirmations = self.pipeline.confirmations
+        body = PartReader(
+            self.log_file, offset, length, self.kind, verify=confirmations.verify_locally
+        )
         response = body.send(
             lambda reader: self.target.client.upload_part(
                 Bucket=self.target.bucket,
@@ -372,11 +458,8 @@ class MultipartTransfer:
             expected,
             f"part {number}",
         )
-        checksum = encode(expected)
-        if self.journal is not None:
-            self.journal.part_done(number, response["ETag"], checksum, length)
-        self.log_file.check_unchanged()
-        return UploadedPart(number, response["ETag"], checksum, length)
+        confirmations.record(body.confirmed)
+        return UploadedPart(number, response["ETag"], encode(expected), length)
 
     def _complete(self, parts: list[UploadedPart]) -> None:
         listed = []

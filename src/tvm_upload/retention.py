@@ -58,6 +58,7 @@ from tvm_upload.state import FileRecord, FileState, StateStore
 logger = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86400.0
+GiB = 1024**3
 REGISTRY_PRUNE_INTERVAL_SECONDS = 3600.0
 AGE_RUN_DAY_COUNTER = "age_based_last_run_day"
 
@@ -474,10 +475,12 @@ def cleanup_command(
     """Run ``tvm-upload cleanup [--dry-run] [--policy NAME]`` and return its exit code.
 
     Prints one line per deletion (path, bytes, rule and reason), then the
-    total. ``policy`` is ``after-upload``, ``age``, ``emergency`` or None
-    for every enabled rule; a disabled rule is reported and skipped. The
-    age rule runs whatever its schedule. Returns ``ExitCode.FAILURE`` if a
-    deletion failed, ``ExitCode.USAGE`` for an unknown policy.
+    total and, when the after-upload rule ran, the uploaded files it keeps
+    with the earliest delete time. ``policy`` is ``after-upload``, ``age``,
+    ``emergency`` or None for every enabled rule; a disabled rule is
+    reported and skipped. The age rule runs whatever its schedule. Returns
+    ``ExitCode.FAILURE`` if a deletion failed, ``ExitCode.USAGE`` for an
+    unknown policy.
     """
     retention = Retention(config, store, disk_usage=disk_usage)
     try:
@@ -493,8 +496,12 @@ def cleanup_command(
     rules = [rule for rule in requested if retention.enabled(rule)]
     if DeletionRule.EMERGENCY in rules:
         _print_usage(retention, out)
-    report = retention.execute(rules, time.time() if now is None else now, dry_run=dry_run)
+    moment = time.time() if now is None else now
+    report = retention.execute(rules, moment, dry_run=dry_run)
     _print_report(report, dry_run, out)
+    if DeletionRule.AFTER_UPLOAD in rules:
+        deleted = {outcome.path for outcome in report.deleted}
+        _print_kept(config, store, moment, deleted, out)
     return ExitCode.FAILURE if report.failed else ExitCode.OK
 
 
@@ -502,7 +509,8 @@ def _print_usage(retention: Retention, out: TextIO) -> None:
     disk = retention.config.disk
     for path, usage in retention.filesystem_usage().items():
         print(
-            f"Filesystem holding {path}: {usage.fraction:.1%} used, {usage.free} bytes free"
+            f"Filesystem holding {path}: {usage.fraction:.1%} used,"
+            f" {usage.free / GiB:.1f} GiB free"
             f" (warning_threshold {disk.warning_threshold:.0%},"
             f" critical_threshold {disk.critical_threshold:.0%})",
             file=out,
@@ -525,3 +533,38 @@ def _print_report(report: RetentionReport, dry_run: bool, out: TextIO) -> None:
     total = report.deleted_bytes
     summary = "Would free" if dry_run else "Freed"
     print(f"{summary} {total} bytes ({total / 1024**2:.1f} MiB) in {files} files", file=out)
+
+
+def _print_kept(
+    config: Config, store: StateStore, now: float, deleted: Collection[Path], out: TextIO
+) -> None:
+    """Print how many uploaded files, other than ``deleted``, stay, and the earliest delete time."""
+    delete_times = [
+        record.delete_after
+        for record in store.files_in_state(FileState.UPLOADED)
+        if record.path not in deleted
+    ]
+    waiting = [moment for moment in delete_times if moment is not None and moment > now]
+    undated = delete_times.count(None)
+
+    if waiting:
+        earliest = min(waiting)
+        when = datetime.fromtimestamp(earliest, config.zone()).strftime("%Y-%m-%d %H:%M %Z")
+        days = (earliest - now) / SECONDS_PER_DAY
+        print(
+            f"Kept {len(waiting)} uploaded files until their delete time; the earliest is"
+            f" {when} (in {days:.1f} days)",
+            file=out,
+        )
+    if undated:
+        print(
+            f"Kept {undated} uploaded files that have no delete time: they were uploaded or"
+            " imported while deletion.after_upload was disabled, so that rule never deletes them",
+            file=out,
+        )
+    if waiting or undated:
+        print(
+            "Delete times are fixed at upload time, so a change of keep_days applies only to"
+            " files uploaded after it",
+            file=out,
+        )

@@ -3,12 +3,19 @@
 Retries happen in two layers:
 
 - botocore retries one request (a PutObject, one UploadPart, a HEAD) in its
-  ``standard`` mode, at most ``max_request_attempts`` times in all, with its own
-  short jittered delays. That absorbs a dropped connection or a single 503 without
-  restarting the file.
+  ``standard`` mode, at most ``max_request_attempts`` times in all (the first try
+  included), with its own short jittered delays. That absorbs a dropped connection,
+  a read timeout or a single 503 without restarting the file.
 - Everything longer is the daemon's job. It receives an ``UploadError`` from
   ``classify_error`` and either retries the file with ``backoff_seconds`` (scope
   ``"file"``) or pauses the whole queue (scope ``"queue"``).
+
+Every client reports the ``Date`` header of its responses to ``clockskew.CLOCK_SKEW``,
+which warns when the system clock is off.
+
+``TEST_READ_TIMEOUT_VARIABLE`` (``TVM_UPLOAD_TEST_READ_TIMEOUT_SECONDS``) is for tests
+only: it shortens the read timeout of a daemon child process so that a stalled server
+is detected in a second instead of a minute. The configuration file has no such key.
 
 botocore computes no checksum of its own (``request_checksum_calculation`` and
 ``response_checksum_validation`` are ``when_required``), because several
@@ -20,7 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +53,7 @@ from botocore.exceptions import ConnectionError as BotocoreConnectionError
 from s3transfer.exceptions import S3UploadFailedError as TransferUploadFailedError
 
 from tvm_upload.checksums import CHECKSUM_ALGORITHMS, crc32c_available
+from tvm_upload.clockskew import CLOCK_SKEW, SKEW_WARNING_SECONDS, describe_skew, skew_from_date
 from tvm_upload.errors import ConfigError, FileVanishedError, UploadError
 
 logger = logging.getLogger(__name__)
@@ -56,6 +66,8 @@ S3Client = Any
 ADDRESSING_STYLES = ("auto", "path", "virtual")
 MIN_PART_SIZE_BYTES = 5 * MiB
 """S3 rejects every part but the last when it is smaller than 5 MiB."""
+
+TEST_READ_TIMEOUT_VARIABLE = "TVM_UPLOAD_TEST_READ_TIMEOUT_SECONDS"
 
 
 @dataclass(frozen=True)
@@ -140,6 +152,9 @@ class UploaderSettings:
             values["multipart_threshold_bytes"] = int(threshold_mb * MiB)
         if values.get("credentials_path") is not None:
             values["credentials_path"] = Path(values["credentials_path"]).expanduser()
+        test_read_timeout = os.environ.get(TEST_READ_TIMEOUT_VARIABLE)
+        if test_read_timeout:
+            values["read_timeout_seconds"] = float(test_read_timeout)
         threshold = values.get("multipart_threshold_bytes", cls.multipart_threshold_bytes)
         if "min_part_size_bytes" not in values and threshold < cls.min_part_size_bytes:
             # A threshold between 5 and 8 MiB is valid in the configuration:
@@ -166,12 +181,17 @@ def _first_attribute(sources: tuple[object, ...], name: str) -> Any:
 
 
 def botocore_config(settings: UploaderSettings) -> BotocoreConfig:
-    """Return the botocore client configuration for these settings."""
+    """Return the botocore client configuration for these settings.
+
+    botocore's ``max_attempts`` counts retries after the first try, so it would send
+    one request more than ``max_request_attempts``; ``total_max_attempts`` counts
+    every try.
+    """
     return BotocoreConfig(
         region_name=settings.region,
         signature_version="s3v4",
         s3={"addressing_style": settings.addressing_style},
-        retries={"mode": "standard", "max_attempts": settings.max_request_attempts},
+        retries={"mode": "standard", "total_max_attempts": settings.max_request_attempts},
         connect_timeout=settings.connect_timeout_seconds,
         read_timeout=settings.read_timeout_seconds,
         max_pool_connections=max(10, settings.max_concurrency * 2),
@@ -203,7 +223,7 @@ def build_client(settings: UploaderSettings) -> S3Client:
     """Create the S3 client: China regions resolve to ``amazonaws.com.cn`` endpoints.
 
     ``endpoint_url`` overrides the resolved endpoint. The client is thread-safe and
-    meant to be shared by every upload thread.
+    meant to be shared by every upload thread. Its responses feed ``CLOCK_SKEW``.
     """
     if settings.checksum_algorithm == "CRC32C" and not crc32c_available():
         raise ConfigError(
@@ -217,11 +237,13 @@ def build_client(settings: UploaderSettings) -> S3Client:
 
     session = build_session(settings)
     try:
-        return session.client(
+        client = session.client(
             "s3", endpoint_url=settings.endpoint_url, config=botocore_config(settings)
         )
     except ProfileNotFound as exc:
         raise _profile_error(settings) from exc
+    CLOCK_SKEW.attach(client)
+    return client
 
 
 def _profile_error(settings: UploaderSettings) -> ConfigError:
@@ -248,10 +270,18 @@ class ClientHolder:
     def rebuild(self) -> None:
         """Create a new client, so rotated or refreshed credentials are read again.
 
-        Requests already running finish on the old client.
+        Requests already running finish on the old client. When the new client
+        cannot be built (the profile vanished, say), the error is logged and the old
+        client stays, so the caller's next try reports the credentials problem.
         """
+        try:
+            client = build_client(self._settings)
+        except (ConfigError, BotoCoreError) as error:
+            logger.error("Cannot create a new S3 client to read credentials again: %s", error)
+            return
+
         with self._lock:
-            self._client = build_client(self._settings)
+            self._client = client
         logger.info("Created a new S3 client to read credentials again.")
 
     def close(self) -> None:
@@ -291,10 +321,15 @@ class S3RequestError(UploadError):
 _CHECK_CREDENTIALS = "check the credentials of s3.profile and s3.credentials_path"
 _CHECK_REGION = "the bucket is in another region than s3.region or needs another endpoint"
 
+_FORBIDDEN_ADVICE = "check the credentials, the IAM policy and that the bucket exists"
+
 # Codes that every upload would receive alike: pause the queue instead of charging files.
 QUEUE_ERROR_ADVICE = {
     "AccessDenied": "check the IAM policy (s3:PutObject and friends) and that the bucket exists",
-    "403": "check the IAM policy (s3:PutObject and friends) and that the bucket exists",
+    "403": (
+        "S3 sends no error code for a rejected HEAD request: check the credentials, the IAM"
+        " policy (s3:GetObject, s3:PutObject), that the bucket exists, and the system clock"
+    ),
     "Forbidden": "check the IAM policy (s3:PutObject and friends) and that the bucket exists",
     "AllAccessDisabled": "access to the bucket is disabled by its owner",
     "AccountProblem": "the AWS account has a problem that blocks requests",
@@ -365,9 +400,11 @@ def classify_error(exc: BaseException) -> UploadError:
     Queue scope (pause every upload, charge no attempt): the endpoint cannot be
     reached (DNS, connection refused, connect timeout, TLS), missing, invalid or
     expired credentials, access denied, no such bucket, clock skew, and settings
-    the store rejects for every object. Throttling is file scope, retryable, with
-    ``throttled=True``. Everything else is file scope and retryable, except codes
-    such as ``KeyTooLongError`` that no retry can fix. An exception that comes from
+    the store rejects for every object. Throttling (SlowDown, 503, 429) is queue
+    scope too, with ``throttled=True``. Because the store is overloaded rather
+    than the file at fault, every upload slows down, and no file is charged an
+    attempt or marked failed for it. Everything else is file scope and retryable,
+    except codes such as ``KeyTooLongError`` that no retry can fix. An exception that comes from
     neither S3 nor the file (a bug) becomes a plain retryable UploadError. An ``UploadError`` is
     returned unchanged; ``S3UploadFailedError`` is unwrapped to the ClientError it
     replaced.
@@ -432,8 +469,10 @@ def _classify_client_error(exc: ClientError) -> S3RequestError:
     text = error.get("Message") or "no message"
     summary = f"S3 {exc.operation_name} failed with {code} (HTTP {status}): {text}"
 
+    if code in ("RequestTimeTooSkewed", "403", "Forbidden"):
+        summary += _measured_skew(exc)
     if code in QUEUE_ERROR_ADVICE or (code not in THROTTLING_CODES and status == 403):
-        advice = QUEUE_ERROR_ADVICE.get(code, QUEUE_ERROR_ADVICE["403"])
+        advice = QUEUE_ERROR_ADVICE.get(code, _FORBIDDEN_ADVICE)
         return S3RequestError(
             f"{summary}; {advice}",
             scope="queue",
@@ -443,8 +482,24 @@ def _classify_client_error(exc: ClientError) -> S3RequestError:
             credentials_expired=code in EXPIRED_CREDENTIAL_CODES,
         )
 
-    throttled = code in THROTTLING_CODES or status in (429, 503)
+    if code in THROTTLING_CODES or status in (429, 503):
+        return S3RequestError(
+            f"{summary}; the store throttles requests, so uploads slow down",
+            scope="queue",
+            retryable=True,
+            code=code,
+            status=status,
+            throttled=True,
+        )
+
     retryable = code not in PERMANENT_FILE_CODES
-    return S3RequestError(
-        summary, scope="file", retryable=retryable, code=code, status=status, throttled=throttled
-    )
+    return S3RequestError(summary, scope="file", retryable=retryable, code=code, status=status)
+
+
+def _measured_skew(exc: ClientError) -> str:
+    """Return ``"; the system clock is ..."`` from the error's Date header, or ``""``."""
+    headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    skew = skew_from_date(headers.get("date"), time.time())
+    if skew is None or abs(skew) < SKEW_WARNING_SECONDS:
+        return ""
+    return f"; {describe_skew(skew)}"

@@ -9,18 +9,23 @@ request header is sent. Files are therefore read like this:
 - larger files: two reads. The first reads the file once in 1 MiB chunks and computes
   the SHA-256 and the checksum of each part (a PutObject up to
   ``multipart_threshold_bytes`` is one part). The second streams each part from the
-  file with that checksum in its request. The store verifies the checksum, which
-  proves that the bytes sent are the bytes hashed. The reader also computes the
-  digest again, and a difference raises FileChangedError.
+  file with that checksum in its request, up to ``parts_in_flight`` parts of one file
+  at a time. The store verifies the checksum, which proves that the bytes sent are
+  the bytes hashed.
 
 Memory per upload thread is one 1 MiB buffer plus socket buffers, whatever the file
 and part size. The second read usually comes from the page cache, so storage is read
-about once. Over plain HTTP botocore reads each body once more to sign it; over HTTPS
-it does not, because a checksum header is present.
+about once. A body that carries a checksum header is signed without hashing it
+(``UNSIGNED-PAYLOAD``), also over plain HTTP, because the signed checksum header
+already protects it. botocore does the same over HTTPS by default.
 
-Before sending, a HEAD of the object key whose ``sha256`` metadata and size match the
-file counts as already uploaded. After sending, a HEAD checks the size, the checksum
-(when the store returns one) and the ``sha256`` metadata.
+Before sending, the uploader checks whether the object is already there: a HEAD of
+the object key whose ``sha256`` metadata and size match the file counts as uploaded.
+``PrefixListings`` skips that HEAD when a recent listing shows the key absent, and
+``UploadRequest.check_existing`` False skips the check. After sending, a response
+that echoes the checksum sent proves the single PUT; otherwise, and for every
+multipart upload, a HEAD checks the size, the checksum (when the store returns one)
+and the ``sha256`` metadata.
 
 Retries: botocore retries single requests (see ``s3client``); this module raises an
 ``UploadError`` from ``classify_error`` and leaves longer retries to the caller.
@@ -34,23 +39,33 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config as BotocoreConfig
 from botocore.exceptions import ClientError
 
-from tvm_upload.checksums import ChecksumKind, encode
+from tvm_upload.checksums import ChecksumKind, StoreConfirmations, encode
 from tvm_upload.errors import FileChangedError, UploadError
 from tvm_upload.files import FileIdentity
 from tvm_upload.keys import content_type
+from tvm_upload.listing import PrefixListings
 from tvm_upload.logfile import (
     LogFile,
     PartReader,
     UploadStoppedError,
     read_digests,
 )
-from tvm_upload.multipart import MultipartTransfer, ObjectTarget, PartsJournal, abort_upload
+from tvm_upload.multipart import (
+    MultipartTransfer,
+    ObjectTarget,
+    PartPipeline,
+    PartsJournal,
+    abort_upload,
+)
 from tvm_upload.s3client import (
     ClientHolder,
     S3Client,
@@ -75,18 +90,29 @@ logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 SINGLE_READ_MAX_BYTES = 4 * MiB
+DEFAULT_PARTS_IN_FLIGHT = 4
+"""UploadPart requests of one file sent at the same time, and threads for them."""
+DIGEST_THREADS = 2
 _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+_CHECKSUM_HEADERS = ("Content-MD5", "x-amz-checksum-sha256", "x-amz-checksum-crc32c")
+_SIGNED_BODY_OPERATIONS = ("PutObject", "UploadPart")
 
 
 @dataclass(frozen=True)
 class UploadRequest:
-    """One log file to upload: its path, object key and the identity it was queued with."""
+    """One log file to upload: its path, object key and the identity it was queued with.
+
+    ``check_existing`` False skips the check for an object that already contains the
+    content. Set it only when no earlier attempt, process or lost state store can
+    have uploaded the file to this key.
+    """
 
     path: str | os.PathLike[str]
     object_key: str
     identity: FileIdentity
     source: str
     vehicle_id: str
+    check_existing: bool = True
 
 
 @dataclass(frozen=True)
@@ -127,8 +153,9 @@ def _comparable(stored: str | None, expected: str | None) -> bool:
 class Uploader:
     """Client of one bucket that uploads log files; thread-safe, one per process.
 
-    Every upload thread shares one botocore client. ``upload`` raises only
-    ``UploadError`` and its subclasses.
+    Every upload thread shares one botocore client, and the parts of large files
+    share a pool of ``parts_in_flight`` threads (1 sends parts on the upload thread).
+    ``upload`` raises only ``UploadError`` and its subclasses.
     """
 
     def __init__(
@@ -137,11 +164,23 @@ class Uploader:
         *,
         client: S3Client | None = None,
         clock: Callable[[], float] = time.monotonic,
+        parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT,
     ) -> None:
         self.settings = settings
         self._clients = ClientHolder(settings, client)
+        self._unsigned_client: S3Client | None = None
         self._kind = ChecksumKind(settings.checksum_algorithm)
         self._clock = clock
+        self._confirmations = StoreConfirmations()
+        self._listings = PrefixListings(lambda: self.client, settings.bucket)
+        self._digest_threads = ThreadPoolExecutor(DIGEST_THREADS, "upload-digest")
+        self._pipeline = PartPipeline(
+            executor=ThreadPoolExecutor(parts_in_flight, "upload-part")
+            if parts_in_flight > 1
+            else None,
+            in_flight=parts_in_flight,
+            confirmations=self._confirmations,
+        )
 
     @classmethod
     def from_config(cls, config: Any) -> Uploader:
@@ -150,7 +189,11 @@ class Uploader:
 
     @property
     def client(self) -> S3Client:
-        return self._clients.client
+        client = self._clients.client
+        if client is not self._unsigned_client:
+            _sign_checksummed_bodies_unhashed(client)
+            self._unsigned_client = client
+        return client
 
     def upload(
         self,
@@ -231,23 +274,29 @@ class Uploader:
     ) -> tuple[str, bool]:
         data = log_file.read(0, log_file.size)
         log_file.check_unchanged()
-        sha256 = hashlib.sha256(data).hexdigest()
-        digest = self._kind.new()
-        digest.update(data)
-        if self._matches_existing(request.object_key, sha256, log_file.size):
+        whole = hashlib.sha256(data)
+        sha256 = whole.hexdigest()
+        if self._kind.name == "SHA256":
+            digest = whole.digest()
+        else:
+            checksum = self._kind.new()
+            checksum.update(data)
+            digest = checksum.digest()
+        if self._already_uploaded(request, sha256, log_file.size):
             return sha256, True
 
-        self.client.put_object(
+        response = self.client.put_object(
             Bucket=self.settings.bucket,
             Key=request.object_key,
             Body=data,
             **self._object_arguments(request, sha256),
-            **self._kind.request_arguments(digest.digest()),
+            **self._kind.request_arguments(digest),
         )
         if progress is not None:
             progress(log_file.size)
 
-        self._verify(request.object_key, log_file.size, sha256, self._checksum(digest.digest()))
+        if not self._kind.confirms(response, digest):
+            self._verify(request.object_key, log_file.size, sha256, self._checksum(digest))
         return sha256, False
 
     def _put_streamed(
@@ -258,16 +307,22 @@ class Uploader:
         progress: Callable[[int], None] | None,
     ) -> tuple[str, bool]:
         digests = read_digests(
-            log_file, part_size=log_file.size, kind=self._kind, should_stop=should_stop
+            log_file,
+            part_size=log_file.size,
+            kind=self._kind,
+            should_stop=should_stop,
+            helper=self._digest_threads,
         )
-        if self._matches_existing(request.object_key, digests.sha256, log_file.size):
+        if self._already_uploaded(request, digests.sha256, log_file.size):
             return digests.sha256, True
 
         if should_stop is not None and should_stop():
             raise UploadStoppedError(f"upload of {log_file.path} stopped before sending it")
 
         expected = digests.part_digests[0]
-        body = PartReader(log_file, 0, log_file.size, self._kind)
+        body = PartReader(
+            log_file, 0, log_file.size, self._kind, verify=self._confirmations.verify_locally
+        )
         body.send(
             lambda reader: self.client.put_object(
                 Bucket=self.settings.bucket,
@@ -280,10 +335,14 @@ class Uploader:
             expected,
             "the content",
         )
+        self._confirmations.record(body.confirmed)
         if progress is not None:
             progress(log_file.size)
 
-        self._verify(request.object_key, log_file.size, digests.sha256, self._checksum(expected))
+        if not body.confirmed:
+            self._verify(
+                request.object_key, log_file.size, digests.sha256, self._checksum(expected)
+            )
         return digests.sha256, False
 
     def _upload_multipart(
@@ -302,6 +361,7 @@ class Uploader:
             journal=journal,
             should_stop=should_stop,
             progress=progress,
+            pipeline=self._pipeline,
         )
         transfer.resume()
         digests = read_digests(
@@ -310,8 +370,9 @@ class Uploader:
             kind=self._kind,
             md5_parts=transfer.md5_parts(),
             should_stop=should_stop,
+            helper=self._digest_threads,
         )
-        if self._matches_existing(request.object_key, digests.sha256, log_file.size):
+        if self._already_uploaded(request, digests.sha256, log_file.size):
             transfer.discard()
             return digests.sha256, True
 
@@ -357,6 +418,18 @@ class Uploader:
             if exc.response.get("Error", {}).get("Code") in _NOT_FOUND_CODES:
                 return None
             raise
+
+    def _already_uploaded(self, request: UploadRequest, sha256: str, size: int) -> bool:
+        """Tell whether the object already has this content. If not, mark its key as being written."""
+        key = request.object_key
+        found = (
+            request.check_existing
+            and self._listings.may_exist(key, size)
+            and self._matches_existing(key, sha256, size)
+        )
+        if not found:
+            self._listings.forget(key)
+        return found
 
     def _matches_existing(self, key: str, sha256: str, size: int) -> bool:
         head = self._head(key)
@@ -425,5 +498,38 @@ class Uploader:
         self._clients.rebuild()
 
     def close(self) -> None:
-        """Close the connection pool; the uploader must not be used afterwards."""
+        """Close the connection pool and the part threads; the uploader must not be used afterwards."""
+        if self._pipeline.executor is not None:
+            self._pipeline.executor.shutdown(wait=False, cancel_futures=True)
+        self._digest_threads.shutdown(wait=False, cancel_futures=True)
         self._clients.close()
+
+
+def _sign_checksummed_bodies_unhashed(client: S3Client) -> None:
+    """Make ``client`` send PutObject and UploadPart bodies with a checksum header cheaply.
+
+    botocore hashes every body it signs over plain HTTP, one more read and SHA-256 of
+    each byte. The checksum header, which is signed and which the store verifies,
+    protects the body as well, so such requests are signed as ``UNSIGNED-PAYLOAD``,
+    as botocore does over HTTPS. The client's ``s3`` option ``payload_signing_enabled``
+    is turned off for these requests only, through botocore's ``before-sign`` event.
+
+    A body read into memory is also sent without ``Expect: 100-continue``, which costs
+    a round trip per request and only pays off for bodies too large to send in vain.
+    """
+    config = client.meta.config
+    s3_options = {**(config.s3 or {}), "payload_signing_enabled": False}
+    unsigned = config.merge(BotocoreConfig(s3=s3_options))
+
+    def adjust_request(request: AWSRequest, **_: Any) -> None:
+        if any(header in request.headers for header in _CHECKSUM_HEADERS):
+            request.context["client_config"] = unsigned
+        if not isinstance(request.body, PartReader) and "Expect" in request.headers:
+            del request.headers["Expect"]
+
+    for operation in _SIGNED_BODY_OPERATIONS:
+        client.meta.events.register(
+            f"before-sign.s3.{operation}",
+            adjust_request,
+            unique_id=f"tvm-upload-adjust-request-{operation}",
+        )

@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import sqlite3
 
+from tvm_upload.files import FileIdentity
 from tvm_upload.state.database import Database
 from tvm_upload.state.records import PartRecord
+from tvm_upload.state.schema import identity_params
 
 logger = logging.getLogger(__name__)
 
@@ -29,24 +31,63 @@ def detach_upload(conn: sqlite3.Connection, file_id: int) -> str | None:
 class PartJournal(Database):
     """Methods on the ``parts`` table and the ``upload_id`` and ``part_size`` columns."""
 
-    def set_upload(self, file_id: int, upload_id: str, part_size: int) -> None:
+    def set_upload(
+        self,
+        file_id: int,
+        upload_id: str,
+        part_size: int,
+        *,
+        identity: FileIdentity | None = None,
+    ) -> bool:
         """Store the multipart upload just created for the file and its part size in bytes.
 
-        Parts recorded under any other upload id of this file are dropped.
+        Parts recorded under any other upload id of this file are dropped. With
+        ``identity``, the upload is stored only while the row still has that
+        identity, because an upload of older content must never be resumed for
+        newer content. Returns False when nothing was stored.
         """
+        condition = "id = ?"
+        params: tuple[int, ...] = (file_id,)
+        if identity is not None:
+            condition += " AND device = ? AND inode = ? AND size = ? AND mtime_ns = ?"
+            params += identity_params(identity)
+
         with self.transaction(f"store upload id {upload_id}") as conn:
-            conn.execute(
-                "UPDATE files SET upload_id = ?, part_size = ? WHERE id = ?",
-                (upload_id, part_size, file_id),
+            cursor = conn.execute(
+                f"UPDATE files SET upload_id = ?, part_size = ? WHERE {condition}",
+                (upload_id, part_size, *params),
             )
+            if cursor.rowcount != 1:
+                return False
             conn.execute(
                 "DELETE FROM parts WHERE file_id = ? AND upload_id != ?", (file_id, upload_id)
             )
+        return True
 
-    def clear_upload(self, file_id: int) -> None:
-        """Forget the file's multipart upload and its parts, after it completed or was aborted."""
+    def clear_upload(self, file_id: int, upload_id: str | None = None) -> None:
+        """Forget the file's multipart upload and its parts, after it completed or was aborted.
+
+        With ``upload_id``, only that upload is forgotten: a newer upload of the
+        file stays recorded.
+        """
         with self.transaction(f"clear the upload of file id {file_id}") as conn:
-            detach_upload(conn, file_id)
+            if upload_id is None:
+                detach_upload(conn, file_id)
+                return
+            conn.execute(
+                "UPDATE files SET upload_id = NULL, part_size = NULL"
+                " WHERE id = ? AND upload_id = ?",
+                (file_id, upload_id),
+            )
+            conn.execute(
+                "DELETE FROM parts WHERE file_id = ? AND upload_id = ?", (file_id, upload_id)
+            )
+
+    def open_upload_ids(self) -> set[str]:
+        """Return the upload id of every multipart upload the store still records, in any state."""
+        with self.transaction("list the recorded upload ids", write=False) as conn:
+            rows = conn.execute("SELECT upload_id FROM files WHERE upload_id IS NOT NULL")
+            return {row["upload_id"] for row in rows}
 
     def record_part(
         self,

@@ -157,6 +157,11 @@ class QueueStore(Database):
             ).fetchone()
         return row is not None
 
+    def record_for(self, path: PathLike) -> FileRecord | None:
+        """Return the row of ``path`` in any state, or None."""
+        with self.transaction(f"look up {path}", write=False) as conn:
+            return select_file(conn, "path = ?", (str(path),))
+
     def object_key_for(self, path: PathLike) -> str | None:
         """Return the object key fixed at the path's first registration, or None.
 
