@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 SECONDS_PER_DAY = 86400.0
 TICK_SECONDS = 0.25
 STOP_GRACE_SECONDS = 7.0
-STATUS_INTERVAL_SECONDS = 10.0
+STATUS_INTERVAL_SECONDS = 2.0
+SUMMARY_INTERVAL_SECONDS = 30.0
 RETENTION_INTERVAL_SECONDS = 30.0
 
 
@@ -76,6 +77,7 @@ class Daemon:
         self._wake = threading.Event()
         self._next_reconcile = 0.0
         self._next_status = 0.0
+        self._next_summary = 0.0
         self._next_retention = 0.0
         self._drains_seen = 0
         self._started_at = 0.0
@@ -324,6 +326,7 @@ class Daemon:
         if self._flags.upload_now:
             self._flags.upload_now = False
             logger.info("Upload requested now: uploading the whole queue")
+            self.dispatcher.retry_now()
             self.dispatcher.request_drain(include_failed=True)
 
     def _on_files_ready(self, ready: list[Path], now: Any) -> None:
@@ -425,28 +428,41 @@ class Daemon:
         self._next_status = 0.0
 
     def _report_status(self, monotonic_now: float, now: Any) -> None:
+        """Ping the watchdog; every 2 s rewrite the status file, every 30 s the STATUS line.
+
+        The STATUS line needs a summary query over the whole state store, so it
+        runs less often than the status file, which only holds in-memory figures.
+        """
         self.notifier.watchdog()
+        if monotonic_now >= self._next_summary:
+            self._next_summary = monotonic_now + SUMMARY_INTERVAL_SECONDS
+            summary = self.store.summary(self.clock.time())
+            self.notifier.status(
+                f"{summary.queue_count} queued, {self.dispatcher.in_flight} uploading, "
+                f"{self.dispatcher.stats.uploaded_files} uploaded since start"
+            )
+
         if monotonic_now < self._next_status:
             return
-
         self._next_status = monotonic_now + STATUS_INTERVAL_SECONDS
-        summary = self.store.summary(self.clock.time())
+        self._write_status(monotonic_now, now)
+
+    def _write_status(self, monotonic_now: float, now: Any, *, running: bool = True) -> None:
         stats = self.dispatcher.stats
-        self.notifier.status(
-            f"{summary.queue_count} queued, {self.dispatcher.in_flight} uploading, "
-            f"{stats.uploaded_files} uploaded since start"
-        )
         hours = self.config.upload.operational_hours
         window = f"{hours.start:%H:%M}-{hours.end:%H:%M}" if hours.enabled else None
         write_daemon_status(
             self.config.state_file,
             {
                 "schedule": {**self.trigger.describe(monotonic_now, now), "window": window},
-                "in_flight": self.dispatcher.in_flight,
+                "in_flight": self.dispatcher.in_flight if running else 0,
+                "waiting_to_be_stable": len(self.intake.stability),
+                "paused": self.dispatcher.pause_state(),
                 "uploaded_since_start": stats.uploaded_files,
                 "last_upload_at": stats.last_upload_at,
                 "started_at": self._started_at,
                 "updated_at": self.clock.time(),
+                "stopped": not running,
             },
         )
 
@@ -460,6 +476,9 @@ class Daemon:
             self.watcher.stop()
         if hasattr(self, "dispatcher"):
             self.dispatcher.stop(STOP_GRACE_SECONDS)
+            self._write_status(
+                self.clock.monotonic(), self.clock.now(self.config.zone()), running=False
+            )
             stats = self.dispatcher.stats
             logger.info(
                 "Stopped: %d files (%d bytes) uploaded since start",

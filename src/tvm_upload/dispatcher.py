@@ -25,6 +25,7 @@ from tvm_upload.clock import Clock
 from tvm_upload.config import Config
 from tvm_upload.errors import FileChangedError, FileVanishedError, TvmUploadError, UploadError
 from tvm_upload.metrics import count_failed_attempt, count_upload
+from tvm_upload.redaction import redact
 from tvm_upload.resume import StaleUploadSweep, StoreJournal
 from tvm_upload.state import FileRecord, StateStore
 from tvm_upload.uploader import S3RequestError, Uploader, UploadRequest, UploadResult
@@ -53,6 +54,7 @@ class _QueuePause:
     began_monotonic: float = -1.0
     consecutive: int = 0
     last_message: str = ""
+    last_error: str = ""
 
 
 @dataclass
@@ -102,6 +104,20 @@ class Dispatcher:
     @property
     def in_flight(self) -> int:
         return len(self._running)
+
+    def retry_now(self) -> None:
+        """End a queue-wide pause and every file's retry wait: the operator asked to upload now."""
+        self._pause.until_monotonic = 0.0
+        waiting = self.store.make_due()
+        if waiting:
+            logger.info("Retrying %d files now instead of after their retry delay", waiting)
+
+    def pause_state(self) -> dict[str, object] | None:
+        """Return the queue-wide pause in force (seconds left, reason), or None."""
+        left = self._pause.until_monotonic - self.clock.monotonic()
+        if left <= 0:
+            return None
+        return {"seconds_left": round(left, 1), "reason": self._pause.last_error}
 
     def in_flight_paths(self) -> list[Path]:
         """Return the paths of the files being uploaded right now."""
@@ -391,6 +407,7 @@ class Dispatcher:
         code = str(getattr(error, "code", None) or type(error).__name__)
         repeated = code == self._pause.last_message
         self._pause.last_message = code
+        self._pause.last_error = redact(str(error))
         throttled = bool(getattr(error, "throttled", False))
         if repeated:
             logger.log(

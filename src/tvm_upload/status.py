@@ -58,7 +58,8 @@ def _daemon_fields(daemon: dict[str, Any] | None, now: float) -> dict[str, Any] 
         return None
     updated_at = daemon.get("updated_at")
     fresh = isinstance(updated_at, (int, float)) and now - updated_at <= STALE_AFTER_SECONDS
-    return {**daemon, "running": fresh and _process_exists(daemon.get("pid"))}
+    running = fresh and not daemon.get("stopped") and _process_exists(daemon.get("pid"))
+    return {**daemon, "running": running}
 
 
 def _process_exists(pid: object) -> bool:
@@ -126,6 +127,14 @@ def _print_daemon(console: Console, daemon: dict[str, Any] | None) -> None:
         f"Schedule: {schedule.get('mode')}, next run {schedule.get('next_run') or 'none'}"
     )
     console.print(f"Operational window: {_window_state(schedule)}")
+    waiting = daemon.get("waiting_to_be_stable", 0)
+    if waiting:
+        console.print(f"Waiting to be stable before they are queued: {waiting} files")
+    paused = daemon.get("paused")
+    if paused:
+        console.print(
+            f"ALL UPLOADS PAUSED for {paused.get('seconds_left')} s more: {paused.get('reason')}"
+        )
 
 
 def _window_state(schedule: dict[str, Any]) -> str:

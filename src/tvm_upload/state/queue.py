@@ -241,6 +241,16 @@ class QueueStore(Database):
             )
         return cursor.rowcount
 
+    def make_due(self) -> int:
+        """Make every ``pending`` row that waits for a retry time due now; return how many."""
+        with self.transaction("make queued files due") as conn:
+            cursor = conn.execute(
+                "UPDATE files SET next_attempt_at = NULL, updated_at = ?"
+                " WHERE state = ? AND next_attempt_at IS NOT NULL",
+                (self._clock(), FileState.PENDING.value),
+            )
+        return cursor.rowcount
+
     def claim_paths(self, paths: list[Path], now: float) -> list[FileRecord]:
         """Mark the due ``pending`` rows of ``paths`` ``uploading`` and return them.
 
