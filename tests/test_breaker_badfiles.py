@@ -46,10 +46,6 @@ def today_in_zone() -> str:
     return dt.datetime.now(zoneinfo.ZoneInfo(ZONE)).date().isoformat()
 
 
-@pytest.mark.xfail(
-    reason="a queued file replaced by a FIFO, directory, socket or symlink stays queued forever",
-    strict=True,
-)
 def test_replaced_queued_file_leaves_queue(
     tmp_path: Path, logs: Path, seaweed, bucket: str, s3
 ) -> None:

@@ -100,9 +100,17 @@ class LogFile:
     @staticmethod
     def _check_identity(path: Path, expected: FileIdentity) -> None:
         try:
-            current = FileIdentity.of(path)
+            status = os.lstat(path)
         except OSError as exc:
             raise _read_error(path, exc) from exc
+        if stat.S_ISLNK(status.st_mode):
+            raise FileVanishedError(
+                f"{path} is now a symbolic link, which is never followed; the log file is gone"
+            )
+        if not stat.S_ISREG(status.st_mode):
+            raise FileVanishedError(f"{path} is not a regular file any more; the log file is gone")
+
+        current = FileIdentity.from_stat(status)
         if current != expected:
             raise FileChangedError(_describe_change(path, expected, current))
 
