@@ -21,6 +21,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import yaml
 from dataset_builder import Dataset
@@ -93,10 +94,19 @@ class ScanProbe:
 
 
 def write_config(
-    path: Path, *, root: Path, bucket: str, endpoint_url: str, state_file: Path
+    path: Path,
+    *,
+    root: Path,
+    bucket: str,
+    endpoint_url: str,
+    state_file: Path,
+    checksum_algorithm: str | None = None,
 ) -> Path:
-    """Write a daemon config.yaml that uploads ``root`` at once and never deletes anything."""
-    config = {
+    """Write a daemon config.yaml that uploads ``root`` at once and never deletes anything.
+
+    ``checksum_algorithm`` sets ``s3.checksum_algorithm``; None keeps the default.
+    """
+    config: dict[str, Any] = {
         "vehicle_id": VEHICLE_ID,
         "timezone": "UTC",
         "log_directories": [{"path": str(root), "source": SOURCE}],
@@ -115,6 +125,8 @@ def write_config(
             "emergency": {"enabled": False},
         },
     }
+    if checksum_algorithm is not None:
+        config["s3"]["checksum_algorithm"] = checksum_algorithm
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -141,6 +153,7 @@ def run_upload(
     work_dir: Path,
     timeout_seconds: float,
     server_pid: int | None,
+    checksum_algorithm: str | None = None,
 ) -> DaemonUpload:
     """Run the daemon on ``dataset`` until it has uploaded every file, then stop it."""
     config = write_config(
@@ -149,6 +162,7 @@ def run_upload(
         bucket=bucket,
         endpoint_url=endpoint_url,
         state_file=work_dir / "state.db",
+        checksum_algorithm=checksum_algorithm,
     )
     log_path = work_dir / "daemon.log"
     server_cpu_start = _cpu_or_zero(server_pid)

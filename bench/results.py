@@ -124,6 +124,7 @@ class BenchOptions:
     skip_scan: bool
     skip_state: bool
     command: str
+    daemon_checksum: str | None = None
 
 
 @dataclass

@@ -92,6 +92,11 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
         "--skip-scan", action="store_true", help="skip the dataset D scan and idle tests"
     )
     parser.add_argument("--skip-state", action="store_true", help="skip the state store timings")
+    parser.add_argument(
+        "--daemon-checksum",
+        choices=("SHA256", "CRC32C", "none"),
+        help="s3.checksum_algorithm for tvm-upload (default: the daemon's default, SHA256)",
+    )
     args = parser.parse_args(argv)
 
     tools = [tool.strip() for tool in args.tools.split(",") if tool.strip()]
@@ -119,6 +124,7 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
         state_operations=5_000 if args.quick else 10_000,
         skip_scan=args.skip_scan,
         skip_state=args.skip_state,
+        daemon_checksum=args.daemon_checksum,
         command=" ".join([*command_prefix(), *(sys.argv[1:] if argv is None else argv)]),
     )
 
@@ -167,6 +173,8 @@ class Bench:
                 f"`tvm-upload run`, `upload.max_concurrency: {MAX_CONCURRENCY}`,"
                 " `file_stable_seconds: 1`"
             )
+            if self.options.daemon_checksum:
+                settings[DAEMON] += f", `s3.checksum_algorithm: {self.options.daemon_checksum}`"
         self.cli_tools = tools
         self.results = BenchResults(
             options=self.options,
@@ -279,6 +287,7 @@ class Bench:
             work_dir,
             self._timeout(dataset),
             self.server_pid,
+            checksum_algorithm=self.options.daemon_checksum,
         )
         note = upload.note
         if not note and upload.child.exit_code != 0:

@@ -243,10 +243,6 @@ def test_implausible_mtimes_dated_by_detection(
         assert f"Dated object key test-vehicle/{today}/logs/{name} by detection time" in log
 
 
-@pytest.mark.xfail(
-    reason="the startup scan skips a file whose mtime is implausible (dead RTC), so it never uploads",
-    strict=True,
-)
 def test_startup_scan_finds_implausible_mtime(
     tmp_path: Path, logs: Path, seaweed, bucket: str, s3
 ) -> None:

@@ -683,12 +683,22 @@ def test_scan_non_recursive(root: Path) -> None:
 
 def test_scan_skips_files_older_than_min_mtime(root: Path) -> None:
     old = write(root / "old.log")
-    os.utime(old, (1_000_000_000, 1_000_000_000))
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old, (two_days_ago, two_days_ago))
     new = write(root / "new.log")
 
     found = [f.path for f in scan([log_directory(root)], min_mtime=time.time() - 3600)]
 
     assert found == [new]
+
+
+def test_scan_keeps_files_dated_by_a_dead_rtc(root: Path) -> None:
+    wrong_clock = write(root / "written-before-ntp.log")
+    os.utime(wrong_clock, (1_000_000_000, 1_000_000_000))
+
+    found = [f.path for f in scan([log_directory(root)], min_mtime=time.time() - 3600)]
+
+    assert found == [wrong_clock]
 
 
 def test_scan_missing_root_yields_nothing(tmp_path: Path) -> None:

@@ -21,6 +21,9 @@ from tvm_upload.config import LogDirectory
 logger = logging.getLogger(__name__)
 
 UNREADABLE_WARNING_INTERVAL_SECONDS = 600.0
+EARLIEST_PLAUSIBLE_MTIME = 1577836800.0
+"""2020-01-01 UTC. An older mtime comes from a clock that was wrong (a dead RTC
+battery), not from an old file, so the age limit of a scan does not apply to it."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,8 @@ def scan(
 
     Honours ``recursive`` and ``LogDirectory.accepts``, skips symlinks and
     anything that is not a regular file, and skips files whose mtime (wall
-    clock seconds) is before ``min_mtime``. A missing root yields nothing.
+    clock seconds) is before ``min_mtime``, except mtimes before 2020, which
+    a wrong clock wrote. A missing root yields nothing.
     An unreadable directory is logged (at most once per path every 10
     minutes) and skipped, and the scan goes on.
     """
@@ -87,7 +91,7 @@ def _found_file(
     if not stat.S_ISREG(st.st_mode):
         return None
 
-    if min_mtime is not None and st.st_mtime < min_mtime:
+    if min_mtime is not None and EARLIEST_PLAUSIBLE_MTIME <= st.st_mtime < min_mtime:
         return None
     return FoundFile(path=Path(entry.path), directory=directory, stat=st)
 
