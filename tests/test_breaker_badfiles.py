@@ -77,7 +77,7 @@ def test_replaced_queued_file_leaves_queue(
         listener = bind_socket_at(logs / "sock.log")
         (logs / "link.log").symlink_to(outside / "target.log")
         try:
-            result = run_cli(daemon.config, "upload-now", "--wait", "--timeout", "4")
+            result = run_cli(daemon.config, "upload-now", "--wait", "--timeout", "20")
             queued = daemon.queued_paths()
         finally:
             listener.close()

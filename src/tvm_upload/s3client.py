@@ -11,7 +11,9 @@ Retries happen in two layers:
   ``"file"``) or pauses the whole queue (scope ``"queue"``).
 
 Every client reports the ``Date`` header of its responses to ``clockskew.CLOCK_SKEW``,
-which warns when the system clock is off.
+which warns when the system clock is off, and signs its requests with the system
+clock corrected by the measured skew. A 403 that reveals a new skew is sent once more
+at once with the corrected time, on top of ``max_request_attempts``.
 
 ``TEST_READ_TIMEOUT_VARIABLE`` (``TVM_UPLOAD_TEST_READ_TIMEOUT_SECONDS``) is for tests
 only: it shortens the read timeout of a daemon child process so that a stalled server
@@ -223,7 +225,8 @@ def build_client(settings: UploaderSettings) -> S3Client:
     """Create the S3 client: China regions resolve to ``amazonaws.com.cn`` endpoints.
 
     ``endpoint_url`` overrides the resolved endpoint. The client is thread-safe and
-    meant to be shared by every upload thread. Its responses feed ``CLOCK_SKEW``.
+    meant to be shared by every upload thread. Its responses feed ``CLOCK_SKEW``, and it
+    signs with the time corrected by the skew measured there.
     """
     if settings.checksum_algorithm == "CRC32C" and not crc32c_available():
         raise ConfigError(
