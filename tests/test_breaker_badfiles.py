@@ -333,11 +333,6 @@ def test_many_files_in_one_directory_land_once(
     assert len(daemon.uploaded_lines()) == 400
 
 
-@pytest.mark.xfail(
-    reason="a 403 for a single object key pauses the whole queue and the same files are "
-    "claimed first again, forever",
-    strict=True,
-)
 def test_denied_keys_do_not_block_others(
     tmp_path: Path, logs: Path, seaweed, bucket: str, s3
 ) -> None:

@@ -82,6 +82,7 @@ class Dispatcher:
         self._started_at = self.clock.time()
         self.check_every_existing = False
         self._interrupted: set[int] = set()
+        self._queue_failures: dict[int, int] = {}
         self._pool = ThreadPoolExecutor(
             max_workers=self.config.upload.max_concurrency, thread_name_prefix="upload"
         )
@@ -272,6 +273,7 @@ class Dispatcher:
 
     def _record_success(self, record: FileRecord, result: UploadResult) -> None:
         self._interrupted.discard(record.id)
+        self._queue_failures.pop(record.id, None)
         now = self.clock.time()
         after_upload = self.config.deletion.after_upload
         delete_after = (
@@ -337,12 +339,26 @@ class Dispatcher:
 
         self._reload_expired_credentials(error, started_monotonic)
         if error.scope == "queue":
-            self.store.release(record.id)
             if started_monotonic >= self._pause.began_monotonic:
                 self._pause_queue(error)
+            self._release_behind_others(record)
             return
 
         self._charge_attempt(record, error)
+
+    def _release_behind_others(self, record: FileRecord) -> None:
+        """Queue a row again after a queue-wide error, behind rows that did not fail.
+
+        The error may concern only this object key (a bucket policy denying one
+        prefix), so the row waits out the pause plus its own growing backoff:
+        when the pause ends, other files go first and cannot be starved. No
+        attempt is charged.
+        """
+        failures = self._queue_failures.get(record.id, 0) + 1
+        self._queue_failures[record.id] = failures
+        pause_left = max(self._pause.until_monotonic - self.clock.monotonic(), 0.0)
+        wait = pause_left + self._backoff(failures)
+        self.store.release(record.id, next_attempt_at=self.clock.time() + wait)
 
     def _reload_expired_credentials(self, error: UploadError, started_monotonic: float) -> None:
         """Read the credentials again when S3 reported them expired or missing.

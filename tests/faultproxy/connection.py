@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import http
 import itertools
@@ -14,7 +15,14 @@ import urllib.parse
 from collections.abc import Callable
 from xml.sax.saxutils import escape
 
-from .faults import DateFault, ErrorFault, Faults, MidBodyFault, StallFault
+from .faults import (
+    SIGNING_TIME_LIMIT_SECONDS,
+    DateFault,
+    ErrorFault,
+    Faults,
+    MidBodyFault,
+    StallFault,
+)
 from .framing import (
     Disconnected,
     MessageHead,
@@ -35,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 UPSTREAM_TIMEOUT_SECONDS = 30.0
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+SIGV4_TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 
 _request_numbers = itertools.count(1)
 
@@ -61,6 +70,30 @@ def _shift_date(value: str | None, offset_seconds: float) -> str:
     except (TypeError, ValueError):
         base = time.time()
     return email.utils.formatdate(base + offset_seconds, usegmt=True)
+
+
+def _signing_time(request: RequestRecord) -> float | None:
+    """Return the time a request was signed at, from ``X-Amz-Date`` or ``Date``, or None."""
+    amz_date = request.headers.get("x-amz-date")
+    try:
+        if amz_date:
+            signed = datetime.datetime.strptime(amz_date, SIGV4_TIMESTAMP_FORMAT)
+            return signed.replace(tzinfo=datetime.timezone.utc).timestamp()
+        date = request.headers.get("date")
+        return email.utils.parsedate_to_datetime(date).timestamp() if date else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _too_skewed(request: RequestRecord, clock_offset_seconds: float | None) -> ErrorFault | None:
+    """Return a RequestTimeTooSkewed fault when the request was signed too far off the store."""
+    signed = _signing_time(request)
+    if clock_offset_seconds is None or signed is None or "authorization" not in request.headers:
+        return None
+    if abs(signed - (time.time() + clock_offset_seconds)) <= SIGNING_TIME_LIMIT_SECONDS:
+        return None
+    message = "The difference between the request time and the current time is too large."
+    return ErrorFault(1, None, 403, "RequestTimeTooSkewed", message)
 
 
 def _error_response(
@@ -165,6 +198,9 @@ class Connection:
         error = self._faults.take(ErrorFault, request)
         if error is not None:
             return self._answer_error(head, request, error)
+        skewed = _too_skewed(request, self._faults.clock_offset_seconds)
+        if skewed is not None:
+            return self._answer_error(head, request, skewed, fault_name="shift_clock")
         stall = self._faults.take(StallFault, request)
         if stall is not None:
             return self._hold(head, request, stall)
@@ -315,6 +351,9 @@ class Connection:
         return keep_alive
 
     def _send_response_head(self, head: MessageHead, request: RequestRecord) -> None:
+        clock_offset = self._faults.clock_offset_seconds
+        if clock_offset is not None:
+            head = head.replaced("Date", _shift_date(None, clock_offset))
         fault = self._faults.take(DateFault, request)
         if fault is not None:
             head = head.replaced("Date", _shift_date(head.get("date"), fault.offset_seconds))

@@ -48,6 +48,9 @@ class DateFault(Fault):
 
 FaultType = TypeVar("FaultType", bound=Fault)
 
+SIGNING_TIME_LIMIT_SECONDS = 15 * 60.0
+"""How far a request's signing time may be from the store's clock before S3 rejects it."""
+
 
 class Faults:
     """Thread-safe list of pending faults, each used up after ``remaining`` requests."""
@@ -55,6 +58,8 @@ class Faults:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pending: list[Fault] = []
+        self.clock_offset_seconds: float | None = None
+        """Offset of the store's clock from the local one, or None when it is not simulated."""
 
     def add(self, fault: Fault) -> None:
         if fault.remaining < 1:

@@ -183,6 +183,16 @@ class FaultProxy:
         """Shift the ``Date`` header of the next ``times`` responses by ``offset_seconds``."""
         self._faults.add(DateFault(times, None, offset_seconds))
 
+    def shift_clock(self, offset_seconds: float | None) -> None:
+        """Act as a store whose clock runs ``offset_seconds`` ahead of the local clock.
+
+        Every response then carries that clock in its ``Date`` header, and a request whose
+        ``X-Amz-Date`` (or ``Date``) differs from it by more than 15 minutes gets 403
+        RequestTimeTooSkewed, as from S3, without reaching the server. Unsigned requests
+        pass. None turns the simulation off. ``clear_faults()`` leaves it on.
+        """
+        self._faults.clock_offset_seconds = offset_seconds
+
     def clear_faults(self) -> None:
         """Drop every pending fault. A connection already chosen for a fault keeps it."""
         self._faults.clear()
