@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from typing_extensions import Self
 
 POLL_SECONDS = 0.1
 
@@ -127,7 +128,7 @@ class DaemonProcess:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
-    def __enter__(self) -> DaemonProcess:
+    def __enter__(self) -> Self:
         if self.process is None:
             self.start()
         return self

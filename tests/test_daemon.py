@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from daemon_process import (
     DaemonProcess,
     bucket_contents,
@@ -21,6 +20,7 @@ from daemon_process import (
     wait_for,
     write_config,
 )
+
 from tvm_upload.keys import unescape_key
 
 
