@@ -31,6 +31,42 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class RepeatFilter(logging.Filter):
+    """Let an identical WARNING or ERROR line through at most ``burst`` times per window.
+
+    A vehicle offline for a day must not fill the journal with the same line.
+    The first line after a window with suppressed repeats says how many were
+    dropped. INFO and DEBUG lines pass untouched: each upload has its own line.
+    """
+
+    def __init__(self, burst: int = 5, window_seconds: float = 60.0) -> None:
+        super().__init__()
+        self.burst = burst
+        self.window_seconds = window_seconds
+        self._seen: dict[tuple[str, int, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+
+        key = (record.name, record.levelno, record.getMessage())
+        window_start, count, suppressed = self._seen.get(key, [record.created, 0, 0])
+        if record.created - window_start >= self.window_seconds:
+            window_start, count = record.created, 0
+        count += 1
+        if count > self.burst:
+            self._seen[key] = [window_start, count, suppressed + 1]
+            return False
+
+        self._seen[key] = [window_start, count, 0]
+        if suppressed:
+            record.msg = f"{record.getMessage()} ({suppressed} identical lines suppressed before)"
+            record.args = None
+        if len(self._seen) > 10_000:
+            self._seen.clear()
+        return True
+
+
 class TextFormatter(logging.Formatter):
     """The journald-friendly text format, with tracebacks redacted like messages."""
 
@@ -58,6 +94,7 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
     """Send log records at ``level`` and above to stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactingFilter())
+    handler.addFilter(RepeatFilter())
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
