@@ -196,7 +196,7 @@ class Daemon:
             self._control = None
 
     def _handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Answer a control request; runs on the control thread, so it only reads and sets flags."""
+        """Return the response to a control request; it runs on the control thread, so it only reads and sets flags."""
         command = request.get("command")
         if command == "upload-now":
             run = self.dispatcher.drain_requests + 1
@@ -431,7 +431,7 @@ class Daemon:
         """Ping the watchdog; every 2 s rewrite the status file, every 30 s the STATUS line.
 
         The STATUS line needs a summary query over the whole state store, so it
-        runs less often than the status file, which only holds in-memory figures.
+        runs less often than the status file, which contains only in-memory figures.
         """
         self.notifier.watchdog()
         if monotonic_now >= self._next_summary:

@@ -419,7 +419,7 @@ class Dispatcher:
         self._pause.began_monotonic = self.clock.monotonic()
         self._pause.until_monotonic = self._pause.began_monotonic + delay
 
-        # last_message holds the error code, because the text names a file or key.
+        # last_message contains the error code, because the text names a file or key.
         code = str(getattr(error, "code", None) or type(error).__name__)
         repeated = code == self._pause.last_message
         self._pause.last_message = code

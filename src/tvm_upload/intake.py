@@ -204,7 +204,7 @@ def import_legacy_state(config: Config, store: StateStore, clock: Clock) -> int:
             return None
         return directory.source, key.key
 
-    # The older registry says a file was uploaded but nothing here verified
+    # The older registry records a file as uploaded but nothing here verified
     # the object, so imported rows get no deletion time: the after-upload rule
     # never deletes them (age-based and emergency rules still may).
     imported = store.import_legacy(queue_file, registry_file, resolve, delete_after_seconds=None)
