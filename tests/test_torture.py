@@ -119,7 +119,7 @@ class Torture:
 def plan_files(rng: random.Random) -> list[LogFileSpec]:
     """Plan the log files: large ones above the multipart threshold, spread over the runs."""
     specs = [
-        LogFileSpec(f"bag_{number:02d}.mcap", rng.randint(12 * MiB, 20 * MiB), run)
+        LogFileSpec(f"bag_{number:02d}.mcap", rng.randint(24 * MiB, 40 * MiB), run)
         for number, run in enumerate(sorted(rng.sample(range(KILLS - 5), LARGE_FILES)))
     ]
     specs += [
@@ -160,7 +160,7 @@ def stored_objects(records: list[RequestRecord]) -> collections.Counter[str]:
 def test_kill_torture(tmp_path: Path, seaweed: SeaweedServer, bucket: str, s3: Any) -> None:
     """Fifty kills at random moments lose nothing, store nothing twice and resume uploads.
 
-    Given a stream of small and 12-20 MiB log files (5 MiB parts),
+    Given a stream of small and 24-40 MiB log files (5 MiB parts),
     when the daemon is killed with SIGKILL 50 times at random moments and restarted,
     then every file is in S3 once with its SHA-256 and no multipart upload is left open.
     Interrupted multipart uploads resumed instead of starting over.

@@ -166,7 +166,6 @@ class Daemon:
         self._start_control()
         self.metrics.start()
 
-        self.dispatcher.check_every_existing = rebuilt
         self._startup_scan(rebuilt)
         if self.trigger.on_start():
             self.dispatcher.request_drain(include_failed=True)
@@ -283,8 +282,6 @@ class Daemon:
         recovered = self.store.recover_interrupted()
         self._store_outage.requeue_stuck = False
         if recovered:
-            # Their objects may be in S3 already: check before every upload from now on.
-            self.dispatcher.check_every_existing = True
             logger.info(
                 "Queued %d files again whose upload outcome was lost while the state store"
                 " could not be written",

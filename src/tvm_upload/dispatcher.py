@@ -80,8 +80,6 @@ class Dispatcher:
 
     def __post_init__(self) -> None:
         self._started_at = self.clock.time()
-        self.check_every_existing = False
-        self._interrupted: set[int] = set()
         self._queue_failures: dict[int, int] = {}
         self._pool = ThreadPoolExecutor(
             max_workers=self.config.upload.max_concurrency, thread_name_prefix="upload"
@@ -204,23 +202,6 @@ class Dispatcher:
                 future.add_done_callback(lambda _future: notify())
         return self._sweep.running
 
-    def _may_exist(self, record: FileRecord) -> bool:
-        """Tell whether this content may already be in S3, so a HEAD should come first.
-
-        A row queued by this process and never attempted cannot be: its content
-        was never sent. Rows from before the start (a crash may have hit after
-        S3 stored the object but before the row was marked), rows whose attempt
-        ended in any error (S3 may have stored the object before the connection
-        broke), and every row after a state-store rebuild get the check.
-        """
-        return (
-            self.check_every_existing
-            or record.id in self._interrupted
-            or record.attempts > 0
-            or record.queued_at < self._started_at
-            or record.upload_id is not None
-        )
-
     def _longest_delay(self) -> float:
         """Return a bound on any retry delay set here; a later due time means the clock stepped back."""
         upload = self.config.upload
@@ -239,7 +220,6 @@ class Dispatcher:
             identity=record.identity,
             source=record.source,
             vehicle_id=self.config.vehicle_id,
-            check_existing=self._may_exist(record),
         )
         future = self._pool.submit(
             self.uploader.upload,
@@ -272,7 +252,6 @@ class Dispatcher:
             self._record_failure(running.record, UploadError(repr(error)))
 
     def _record_success(self, record: FileRecord, result: UploadResult) -> None:
-        self._interrupted.discard(record.id)
         self._queue_failures.pop(record.id, None)
         now = self.clock.time()
         after_upload = self.config.deletion.after_upload
@@ -316,7 +295,6 @@ class Dispatcher:
         started before the current pause fail the same way and do not
         lengthen it.
         """
-        self._interrupted.add(record.id)
         if isinstance(error, FileVanishedError):
             logger.info("Removed %s from the queue: %s", record.path, error)
             self.store.remove(record.id)
