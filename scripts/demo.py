@@ -21,7 +21,12 @@ from pathlib import Path
 
 import boto3  # noqa: F401  (fail early with a clear ImportError when not installed)
 
-from tvm_upload.localserver import SeaweedServer, create_bucket, s3_client
+from tvm_upload.localserver import (
+    SeaweedServer,
+    create_bucket,
+    local_credentials_environment,
+    s3_client,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SIMULATOR = REPO.parent / "shared" / "tools" / "vehicle_sim.py"
@@ -122,7 +127,9 @@ def write_sample_tree(tree: Path, seconds: float) -> None:
 
 def run_daemon(config: Path, seconds: float) -> None:
     tvm = shutil.which("tvm-upload", path=str(Path(sys.executable).parent)) or "tvm-upload"
-    daemon = subprocess.Popen([tvm, "run", "--config", str(config)], env=local_credentials())
+    daemon = subprocess.Popen(
+        [tvm, "run", "--config", str(config)], env=local_credentials_environment()
+    )
     print(f"tvm-upload is running (PID {daemon.pid}) for {seconds:.0f} s ...")
     try:
         daemon.wait(timeout=seconds)
@@ -132,21 +139,12 @@ def run_daemon(config: Path, seconds: float) -> None:
     print(f"tvm-upload exited with code {daemon.returncode}")
 
 
-def local_credentials() -> dict[str, str]:
-    """Return an environment with throwaway keys: the local SeaweedFS accepts any signature."""
-    env = dict(os.environ)
-    env.update(
-        AWS_ACCESS_KEY_ID="demo-access-key",
-        AWS_SECRET_ACCESS_KEY="demo-secret-key",
-        AWS_EC2_METADATA_DISABLED="true",
-    )
-    return env
-
-
 def show_results(config: Path, endpoint: str) -> None:
     tvm = shutil.which("tvm-upload", path=str(Path(sys.executable).parent)) or "tvm-upload"
     print("\n$ tvm-upload status --config", config)
-    subprocess.run([tvm, "status", "--config", str(config)], check=False, env=local_credentials())
+    subprocess.run(
+        [tvm, "status", "--config", str(config)], check=False, env=local_credentials_environment()
+    )
 
     print(f"\nObjects in s3://{BUCKET}:")
     client = s3_client(endpoint)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -28,7 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from tvm_upload.keys import unescape_key
-from tvm_upload.localserver import SeaweedServer, create_bucket, s3_client
+from tvm_upload.localserver import (
+    SeaweedServer,
+    create_bucket,
+    local_credentials_environment,
+    s3_client,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SIMULATOR = REPO.parent / "shared" / "tools" / "vehicle_sim.py"
@@ -79,17 +83,6 @@ def _write_config(work: Path, tree: Path, endpoint: str) -> Path:
         CONFIG.format(directories=directories, bucket=BUCKET, endpoint=endpoint, work=work)
     )
     return path
-
-
-def _local_credentials() -> dict[str, str]:
-    """Return an environment with throwaway keys: the local SeaweedFS accepts any signature."""
-    env = dict(os.environ)
-    env.update(
-        AWS_ACCESS_KEY_ID="soak",
-        AWS_SECRET_ACCESS_KEY="soak-secret",
-        AWS_EC2_METADATA_DISABLED="true",
-    )
-    return env
 
 
 def _status(config: Path) -> dict[str, Any]:
@@ -185,7 +178,7 @@ def run_soak(minutes: float, work: Path, speed: float = 1.0) -> SoakReport:
             [sys.executable, "-m", "tvm_upload", "run", "--config", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=_local_credentials(),
+            env=local_credentials_environment(),
         )
         manifest_path = work / "manifest.json"
         subprocess.run(

@@ -340,7 +340,7 @@ def test_restart_resumes_at_next_part(
     """A daemon killed in the middle of a multipart upload continues it after restart.
 
     Given the real daemon uploading a 17 MiB file in four parts through the proxy,
-    when the proxy holds part 3 and the daemon is killed with SIGKILL after the other
+    when the proxy delays part 3 and the daemon is killed with SIGKILL after the other
     parts were recorded,
     then the restarted daemon resumes the same upload and sends only part 3.
     """

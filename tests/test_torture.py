@@ -70,7 +70,7 @@ class Torture:
     kills_with_open_upload: int = 0
 
     def write(self, spec: LogFileSpec) -> None:
-        """Write a log file atomically: the daemon sees it only when it is complete."""
+        """Write a log file atomically: the daemon detects it only when it is complete."""
         data = self.rng.randbytes(spec.size)
         temporary = self.logs / f".{spec.name}.tmp"
         temporary.write_bytes(data)

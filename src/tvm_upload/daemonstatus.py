@@ -1,4 +1,4 @@
-"""A small JSON file beside the state store with what only the running daemon knows.
+"""A small JSON file beside the state store with the figures only the running daemon has.
 
 ``tvm-upload status`` runs in another process and reads the queue from the
 state store, but the next scheduled run and the operational window live in

@@ -48,7 +48,7 @@ DiskUsageFunction = Callable[[Path], Usage]
 
 
 def disk_usage(path: Path) -> Usage:
-    """Measure the filesystem that holds ``path`` with ``os.statvfs``."""
+    """Measure the filesystem that contains ``path`` with ``os.statvfs``."""
     st = os.statvfs(path)
     return Usage(
         total=st.f_blocks * st.f_frsize,

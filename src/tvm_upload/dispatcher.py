@@ -389,8 +389,9 @@ class Dispatcher:
 
         The pause grows with each try since the last successful upload, with the
         backoff of ``upload.retry``. The first pause for an error logs the whole
-        error at ERROR (WARNING for throttling, which heals by itself); repeats of
-        the same error code log one short WARNING (INFO for throttling) per pause.
+        error at ERROR, or at WARNING for throttling because it heals by itself.
+        Repeats of the same error code log one short WARNING per pause (INFO for
+        throttling).
         """
         self._pause.consecutive += 1
         delay = self._backoff(self._pause.consecutive)

@@ -32,7 +32,7 @@ class TvmUploadError(Exception):
 class ConfigError(TvmUploadError):
     """The configuration file is missing, unreadable or invalid.
 
-    ``problems`` holds one message per invalid key; each names the key path,
+    ``problems`` contains one message per invalid key; each names the key path,
     the value, what is allowed and an example.
     """
 

@@ -47,7 +47,7 @@ class _Listing:
     """Sizes of the objects under one prefix, by the rest of the key after the prefix.
 
     ``last_name`` is the last name listed when the listing stopped at
-    ``MAX_LISTING_PAGES``; names after it are not covered. ``forgotten`` holds
+    ``MAX_LISTING_PAGES``; names after it are not covered. ``forgotten`` contains
     names that this process has written since, whose state is unknown.
     """
 
@@ -66,7 +66,7 @@ class _Listing:
 
 @dataclass
 class _Prefix:
-    """What is known about one prefix; ``lock`` serialises its listing."""
+    """Listing state of one prefix; ``lock`` serialises its listing."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     check_times: list[float] = field(default_factory=list)

@@ -122,7 +122,7 @@ class SeaweedServer:
         return f"http://{LOOPBACK}:{self.s3_port}"
 
     def start(self, timeout_seconds: float = STARTUP_TIMEOUT_SECONDS) -> None:
-        """Start the server and wait until its S3 gateway answers."""
+        """Start the server and wait until its S3 gateway responds."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             self.ports = _lower_ports(self.requested_s3_port)
@@ -208,6 +208,21 @@ def _server_environment() -> dict[str, str]:
     """
     env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
     env["WEED_MASTER_VOLUME_GROWTH_COPY_1"] = "1"
+    return env
+
+
+def local_credentials_environment() -> dict[str, str]:
+    """Return this process's environment plus throwaway AWS keys for a local server.
+
+    The local SeaweedFS accepts any signature, and the metadata lookup is off,
+    so a child daemon never searches for real credentials.
+    """
+    env = dict(os.environ)
+    env.update(
+        AWS_ACCESS_KEY_ID="local",
+        AWS_SECRET_ACCESS_KEY="local-secret",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
     return env
 
 

@@ -2,7 +2,7 @@
 
 Reliability tests point boto3 (or the daemon) at ``FaultProxy.endpoint_url``. The proxy
 forwards each request to the upstream server on 127.0.0.1 and, when a test requests it,
-closes connections, holds requests past the client's read timeout, sends S3 error
+closes connections, delays requests past the client's read timeout, sends S3 error
 responses or shifts the ``Date`` header of responses. It parses HTTP/1.1 just enough to
 find where each request and response ends, so keep-alive connections that carry several
 requests work, and it records every request it reads.
