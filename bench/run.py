@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None) -> BenchOptions:
     parser.add_argument(
         "--daemon-checksum",
         choices=("SHA256", "CRC32C", "none"),
-        help="s3.checksum_algorithm for tvm-upload (default: the daemon's default, SHA256)",
+        help="s3.checksum_algorithm for tvm-upload (default: the daemon's default, CRC32C)",
     )
     args = parser.parse_args(argv)
 

@@ -93,7 +93,7 @@ def test_minimal_config_fills_every_default(tmp_path: Path) -> None:
     assert config.s3.addressing_style == "auto"
     assert config.s3.storage_class == "STANDARD"
     assert config.s3.server_side_encryption is None
-    assert config.s3.checksum_algorithm == "SHA256"
+    assert config.s3.checksum_algorithm == "CRC32C"
 
 
 def test_upload_defaults(tmp_path: Path) -> None:

@@ -176,7 +176,7 @@ def test_failed_enqueue_keeps_file_for_later(
 
     with running as daemon:
         store = daemon.store
-        monkeypatch.setattr(store, "enqueue", fail_while(full.is_set, store.enqueue))
+        monkeypatch.setattr(store, "enqueue_many", fail_while(full.is_set, store.enqueue_many))
         write_file(logs / "a.log", 5000)
         wait_for(lambda: "still cannot be written" in caplog.text, 20, "retries")
         assert running.thread.is_alive()
@@ -207,8 +207,8 @@ def test_lost_outcome_is_queued_again(
 
     with running as daemon:
         store = daemon.store
-        failing = fail_while(lambda: next(failures, False), store.mark_uploaded)
-        monkeypatch.setattr(store, "mark_uploaded", failing)
+        failing = fail_while(lambda: next(failures, False), store.mark_uploaded_many)
+        monkeypatch.setattr(store, "mark_uploaded_many", failing)
         write_file(logs / "a.log", 5000)
         wait_for(lambda: all_uploaded(running.state_file, {"a.log"}), 20, "upload recorded")
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import pytest
 from daemon_process import DaemonProcess, wait_for, write_config
 from faultproxy import FaultProxy, RequestRecord
@@ -152,16 +153,21 @@ Matcher = Callable[[str, str, Mapping[str, str]], bool]
 def part_put(path: Path, number: int) -> Matcher:
     """Return a proxy matcher for every UploadPart request that carries part ``number`` of ``path``.
 
-    The part is recognised by its SHA-256 checksum header, so retries of other
-    parts never count.
+    The part is recognised by its checksum header, CRC32C or SHA-256, so retries of
+    other parts never count.
     """
     with path.open("rb") as handle:
         handle.seek((number - 1) * PART_SIZE)
-        digest = hashlib.sha256(handle.read(PART_SIZE)).digest()
-    checksum = base64.b64encode(digest).decode()
+        data = handle.read(PART_SIZE)
+    checksums = {
+        "x-amz-checksum-crc32c": base64.b64encode(crc32c.crc32c(data).to_bytes(4, "big")).decode(),
+        "x-amz-checksum-sha256": base64.b64encode(hashlib.sha256(data).digest()).decode(),
+    }
 
     def match(method: str, request_path: str, headers: Mapping[str, str]) -> bool:
-        return method == "PUT" and headers.get("x-amz-checksum-sha256") == checksum
+        return method == "PUT" and any(
+            headers.get(name) == value for name, value in checksums.items()
+        )
 
     return match
 
@@ -240,6 +246,24 @@ def test_journal_round_trip(store: StateStore, tmp_path: Path) -> None:
     assert store.get(file_id).upload_id is None  # type: ignore[union-attr]
     assert store.parts_for(file_id, "upload-1") == []
     assert store.open_upload_ids() == set()
+
+
+def test_journal_of_row_claimed_without_upload_reads_nothing(
+    store: StateStore, tmp_path: Path
+) -> None:
+    """Given a row that had no multipart upload when it was claimed, its journal answers
+    that none exists without a state store query; it still records a new upload."""
+    path = write_log(tmp_path, "a.mcap", 100)
+    file_id, _ = queue_file(store, path, "vehicle")
+    journal = StoreJournal(store, file_id, FileIdentity.of(path), may_have_upload=False)
+    statements: list[str] = []
+    store._connection().set_trace_callback(statements.append)
+
+    assert journal.existing() is None
+    assert statements == []
+
+    journal.start("upload-1", PART_SIZE)
+    assert store.open_upload_ids() == {"upload-1"}
 
 
 def test_journal_finish_keeps_newer_upload(store: StateStore, tmp_path: Path) -> None:

@@ -14,10 +14,12 @@ from tvm_upload.errors import StateStoreError
 from tvm_upload.files import FileIdentity
 from tvm_upload.state import (
     SCHEMA_VERSION,
+    ConfirmedUpload,
     EnqueueResult,
     FileState,
     MetricDatum,
     PartRecord,
+    ReadyEntry,
     StateStore,
     database,
     registry,
@@ -120,6 +122,28 @@ def test_migration_adds_later_version(tmp_path: Path, monkeypatch: pytest.Monkey
     columns = [row[1] for row in conn.execute("PRAGMA table_info(files)")]
     assert "note" in columns
     conn.close()
+
+
+def test_version_1_store_gains_state_page_index(tmp_path: Path) -> None:
+    """Given a store of schema version 1 with a row, opening it adds the index that reads a
+    state page by page, and the row is still there."""
+    conn = sqlite3.connect(tmp_path / "state.db")
+    schema.MIGRATIONS[0](conn)
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+
+    with StateStore(tmp_path / "state.db") as store:
+        store.enqueue("/logs/a.log", "ros", identity(1), "key-a")
+        plan = store._connection().execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM files WHERE state = ? AND id > ? ORDER BY id"
+            " LIMIT 10",
+            ("uploaded", 0),
+        )
+        details = " ".join(row["detail"] for row in plan)
+
+    assert "files_by_state_id" in details
+    assert "TEMP B-TREE" not in details
 
 
 def test_closed_store_raises(store: StateStore) -> None:
@@ -410,6 +434,96 @@ def test_mark_uploaded_after_remove(store: StateStore, clock: FakeClock) -> None
     assert store.mark_uploaded(file_id, "ab" * 32, clock(), None, identity(1)) is None
 
 
+def test_enqueue_many_queues_each_in_one_durable_commit(
+    store: StateStore, clock: FakeClock
+) -> None:
+    """Given one uploaded file and two new ones, one call queues the new files with one
+    disk sync and reports the uploaded one as already uploaded, in order."""
+    upload(store, queue(store, 1), clock)
+    statements: list[str] = []
+    store._connection().set_trace_callback(statements.append)
+
+    entries = [
+        ReadyEntry(Path(f"/logs/file-{n}.log"), "ros", identity(n), f"v1/2026-01-01/ros/{n}")
+        for n in (2, 1, 3)
+    ]
+    results = store.enqueue_many(entries)
+
+    assert results == [
+        EnqueueResult.QUEUED,
+        EnqueueResult.ALREADY_UPLOADED,
+        EnqueueResult.QUEUED,
+    ]
+    assert statements.count("COMMIT") == 1
+    assert statements.count("PRAGMA synchronous = FULL") == 1
+    assert store.pending_paths() == {Path("/logs/file-2.log"), Path("/logs/file-3.log")}
+
+
+def test_enqueue_many_failure_queues_nothing(store: StateStore) -> None:
+    """Given a batch whose second entry cannot be stored, no entry of it is queued."""
+    entries = [
+        ReadyEntry(Path("/logs/a.log"), "ros", identity(1), "v1/2026-01-01/ros/a"),
+        ReadyEntry(Path("/logs/b.log"), "ros", identity(2), None),  # type: ignore[arg-type]
+    ]
+
+    with pytest.raises(StateStoreError):
+        store.enqueue_many(entries)
+
+    assert store.pending_paths() == set()
+    assert store.enqueue_many([]) == []
+
+
+def test_mark_uploaded_many_records_each(store: StateStore, clock: FakeClock) -> None:
+    """Given three claimed rows, one of them changed since its claim and one removed,
+    one call marks the unchanged row uploaded, queues the changed one again and
+    reports the removed one as None, with one disk sync."""
+    kept, changed, removed = queue(store, 1), queue(store, 2), queue(store, 3)
+    store.claim(clock(), 3)
+    store.enqueue("/logs/file-2.log", "ros", identity(20), "ignored")
+    store.remove(removed)
+    statements: list[str] = []
+    store._connection().set_trace_callback(statements.append)
+
+    states = store.mark_uploaded_many(
+        [
+            ConfirmedUpload(kept, "ab" * 32, clock(), None, identity(1)),
+            ConfirmedUpload(changed, "cd" * 32, clock(), None, identity(2)),
+            ConfirmedUpload(removed, "ef" * 32, clock(), None, identity(3)),
+        ]
+    )
+
+    assert states == [FileState.UPLOADED, FileState.PENDING, None]
+    assert statements.count("COMMIT") == 1
+    assert statements.count("PRAGMA synchronous = FULL") == 1
+    kept_record, changed_record = store.get(kept), store.get(changed)
+    assert kept_record is not None and kept_record.sha256 == "ab" * 32
+    assert changed_record is not None and changed_record.state is FileState.PENDING
+    assert store.mark_uploaded_many([]) == []
+
+
+def test_increment_many_adds_in_one_commit(store: StateStore) -> None:
+    store.increment("files", 2)
+    statements: list[str] = []
+    store._connection().set_trace_callback(statements.append)
+
+    store.increment_many({"files": 3, "bytes": 500})
+
+    assert statements.count("COMMIT") == 1
+    assert store.counters() == {"files": 5, "bytes": 500}
+
+
+def test_queue_length_counts_queue_states(store: StateStore, clock: FakeClock) -> None:
+    """Pending, uploading and failed rows count; uploaded and deleted rows do not."""
+    pending, _uploading, failed, uploaded = (queue(store, n) for n in range(1, 5))
+    store.claim(clock(), 3)
+    store.release(pending)
+    store.mark_failed(failed, "denied")
+    upload(store, uploaded, clock)
+
+    assert store.queue_length() == 3
+    assert store.summary(clock()).queue_count == 3
+
+
 def test_mark_retry_charges_attempt(store: StateStore, clock: FakeClock) -> None:
     file_id = queue(store, 1)
     store.claim(clock(), 1)
@@ -559,6 +673,28 @@ def test_prune_registry(store: StateStore, clock: FakeClock, tmp_path: Path) -> 
     assert store.prune_registry(START + 100) == 0
     assert store.prune_registry(START + 101) == 1
     assert store.get(rows["vanished"]) is None
+
+
+def test_prune_registry_reads_uploaded_rows_in_pages(
+    store: StateStore, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given more uploaded rows than one page holds, every row is checked once and
+    the rows of missing files, on every page, become deleted."""
+    monkeypatch.setattr(registry, "PAGE_ROWS", 3)
+    ids = [queue(store, number) for number in range(1, 11)]
+    for file_id in ids:
+        upload(store, file_id, clock)
+    checked: list[str] = []
+
+    def exists(path: str) -> bool:
+        checked.append(path)
+        return not path.endswith(("-2.log", "-9.log"))
+
+    assert store.prune_registry(START, exists=exists) == 0
+
+    assert sorted(checked) == sorted(f"/logs/file-{number}.log" for number in range(1, 11))
+    deleted = {record.path for record in store.files_in_state(FileState.DELETED)}
+    assert deleted == {Path("/logs/file-2.log"), Path("/logs/file-9.log")}
 
 
 def test_summary_figures(store: StateStore, clock: FakeClock) -> None:

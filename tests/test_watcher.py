@@ -129,6 +129,22 @@ def test_created_file_reported(start_watcher: StartWatcher, recorder: Recorder, 
     assert (path, directory) in recorder.events
 
 
+def test_reading_a_file_reports_nothing(
+    start_watcher: StartWatcher, recorder: Recorder, root: Path
+) -> None:
+    """Given a watched file, when it is opened, read and closed without writing (as the
+    uploader does), then no event is reported; only the later sentinel file is."""
+    path = write(root / "a.log", b"line\n" * 1000)
+    start_watcher([log_directory(root)])
+
+    for _ in range(3):
+        with open(path, "rb") as handle:
+            handle.read()
+    sentinel(root, recorder)
+
+    assert recorder.paths() == {root / "sentinel.log"}
+
+
 def test_file_written_then_closed_reported(
     start_watcher: StartWatcher, recorder: Recorder, root: Path
 ) -> None:
@@ -733,14 +749,14 @@ def test_scan_unreadable_directory_logged_once(
     (root / "locked").mkdir()
     write(root / "locked" / "hidden.log")
     readable = write(root / "a.log")
-    real_scandir = os.scandir
+    real_open = os.open
 
-    def scandir(path: str) -> Any:
-        if path.endswith("/locked"):
+    def open_file(path: str, flags: int, *args: Any, **kwargs: Any) -> int:
+        if os.fspath(path).endswith("/locked"):
             raise PermissionError(errno.EACCES, "Permission denied", path)
-        return real_scandir(path)
+        return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "open", open_file)
     monkeypatch.setattr(scan_module, "unreadable_warnings", scan_module.RateLimitedWarnings(600.0))
 
     first = [f.path for f in scan([log_directory(root)])]

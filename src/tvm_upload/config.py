@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+import functools
 import logging
 import os
+import re
 import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -142,11 +144,30 @@ class LogDirectory(Section):
         """Tell whether a path relative to this directory is one of its log files."""
         if not self.recursive and len(relative.parts) != 1:
             return False
+        return self.accepts_name(relative.name)
 
-        name = relative.name
-        if any(fnmatch.fnmatchcase(name, glob) for glob in self.exclude):
-            return False
-        return any(fnmatch.fnmatchcase(name, glob) for glob in self.pattern)
+    def accepts_name(self, name: str) -> bool:
+        """Tell whether a file name passes ``pattern`` and ``exclude``, wherever the file lies.
+
+        One compiled expression per directory settings: a scan calls this for
+        every file it lists.
+        """
+        return _name_expression(tuple(self.pattern), tuple(self.exclude)).match(name) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _name_expression(patterns: tuple[str, ...], excludes: tuple[str, ...]) -> re.Pattern[str]:
+    """Compile the globs into one expression with ``fnmatch.fnmatchcase``'s meaning.
+
+    ``fnmatchcase`` matches with ``re.match(fnmatch.translate(glob))``, and each
+    translation ends in ``\\Z``. The lookahead rejects a name that an exclude glob
+    matches in full, and the alternatives accept one that a pattern matches.
+    """
+    accepted = "|".join(fnmatch.translate(glob) for glob in patterns) or "(?!)"
+    if not excludes:
+        return re.compile(accepted)
+    rejected = "|".join(fnmatch.translate(glob) for glob in excludes)
+    return re.compile(f"(?!{rejected})(?:{accepted})")
 
 
 class S3Settings(Section):
@@ -183,7 +204,7 @@ class S3Settings(Section):
     checksum_algorithm: Annotated[
         Literal["SHA256", "CRC32C", "none"],
         BeforeValidator(canonical("SHA256", "CRC32C", none="none")),
-    ] = setting("SHA256", allowed="SHA256, CRC32C or none", example="CRC32C")
+    ] = setting("CRC32C", allowed="CRC32C, SHA256 or none", example="SHA256")
 
     @field_validator("region")
     @classmethod

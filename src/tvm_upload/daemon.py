@@ -175,7 +175,7 @@ class Daemon:
             " stable, state store %s",
             config.vehicle_id,
             len(config.log_directories),
-            self.store.summary(self.clock.time()).queue_count,
+            self.store.queue_length(),
             len(self.intake.stability),
             config.state_file,
         )
@@ -301,6 +301,8 @@ class Daemon:
 
         self._observe_changed()
         ready = self.intake.step()
+        if self.intake.has_unqueued:
+            self._wake.set()
         monotonic_now = self.clock.monotonic()
         now = self.clock.now(self.config.zone())
         if ready:
@@ -347,13 +349,14 @@ class Daemon:
     def _take_start_backlog(self, ready: list[Path]) -> set[Path]:
         """Return the files of ``ready`` that the startup scan found and that did not change since.
 
-        The startup scan's files are those tracked when the first file
-        becomes ready or the first reload comes, whichever is first, less
-        any modified after the start.
+        The startup scan's files are those tracked, or ready and not queued
+        yet, when the first file becomes ready or the first reload comes,
+        whichever is first, less any modified after the start.
         """
         backlog: set[Path] | None = getattr(self, "_start_backlog", None)
         if backlog is None:
-            backlog = set(self.intake.stability.tracked()) | set(ready)
+            tracked = [*self.intake.stability.tracked(), *self.intake.unqueued_paths()]
+            backlog = set(tracked) | set(ready)
             self._start_backlog = backlog
 
         def unchanged_since_start(path: Path) -> bool:

@@ -24,10 +24,10 @@ from tvm_upload.backoff import backoff_seconds
 from tvm_upload.clock import Clock
 from tvm_upload.config import Config
 from tvm_upload.errors import FileChangedError, FileVanishedError, TvmUploadError, UploadError
-from tvm_upload.metrics import count_failed_attempt, count_upload
+from tvm_upload.metrics import count_failed_attempt, count_uploads
 from tvm_upload.redaction import redact
 from tvm_upload.resume import StaleUploadSweep, StoreJournal
-from tvm_upload.state import FileRecord, StateStore
+from tvm_upload.state import ConfirmedUpload, FileRecord, StateStore
 from tvm_upload.uploader import S3RequestError, Uploader, UploadRequest, UploadResult
 
 logger = logging.getLogger(__name__)
@@ -225,7 +225,12 @@ class Dispatcher:
             self.uploader.upload,
             request,
             should_stop=self._stopping.is_set,
-            parts_journal=StoreJournal(self.store, record.id, record.identity),
+            parts_journal=StoreJournal(
+                self.store,
+                record.id,
+                record.identity,
+                may_have_upload=record.upload_id is not None,
+            ),
         )
         self._running[record.id] = _Running(record, future, self.clock.monotonic())
         notify = self.on_finished
@@ -233,38 +238,64 @@ class Dispatcher:
             future.add_done_callback(lambda _future: notify())
 
     def _collect(self) -> None:
-        for file_id, running in list(self._running.items()):
-            if not running.future.done():
-                continue
-            del self._running[file_id]
-            self._record_outcome(running)
+        """Record every finished upload: the successes first, in one state store commit."""
+        finished = [running for running in self._running.values() if running.future.done()]
+        for running in finished:
+            del self._running[running.record.id]
 
-    def _record_outcome(self, running: _Running) -> None:
-        error = running.future.exception()
-        if error is None:
-            self._record_success(running.record, running.future.result())
-        elif isinstance(error, UploadError):
-            self._record_failure(running.record, error, running.started_monotonic)
-        else:
-            logger.exception(
-                "Upload of %s failed unexpectedly", running.record.path, exc_info=error
-            )
-            self._record_failure(running.record, UploadError(repr(error)))
-
-    def _record_success(self, record: FileRecord, result: UploadResult) -> None:
-        self._queue_failures.pop(record.id, None)
-        now = self.clock.time()
-        after_upload = self.config.deletion.after_upload
-        delete_after = (
-            now + after_upload.keep_days * SECONDS_PER_DAY if after_upload.enabled else None
+        self._record_successes(
+            [
+                (running.record, running.future.result())
+                for running in finished
+                if running.future.exception() is None
+            ]
         )
-        self.store.mark_uploaded(
-            record.id, result.sha256, now, delete_after, result.identity or record.identity
+        for running in finished:
+            error = running.future.exception()
+            if error is not None:
+                self._record_error(running, error)
+
+    def _record_error(self, running: _Running, error: BaseException) -> None:
+        if isinstance(error, UploadError):
+            self._record_failure(running.record, error, running.started_monotonic)
+            return
+
+        logger.exception("Upload of %s failed unexpectedly", running.record.path, exc_info=error)
+        self._record_failure(running.record, UploadError(repr(error)))
+
+    def _record_successes(self, succeeded: list[tuple[FileRecord, UploadResult]]) -> None:
+        """Mark the uploads confirmed in one durable transaction, then count and log them.
+
+        If the transaction fails, the rows stay ``uploading`` and the daemon
+        queues them again once the store works. Their next upload finds the
+        objects by their ``sha256`` and sends nothing.
+        """
+        if not succeeded:
+            return
+
+        now = self.clock.time()
+        self.store.mark_uploaded_many(
+            [self._confirmed(record, result, now) for record, result in succeeded]
         )
 
         self._pause = _QueuePause()
         self._sweep.after_upload(self.clock.monotonic())
         self.stats.last_upload_at = now
+        count_uploads(self.store, [res.size for _, res in succeeded if not res.skipped_existing])
+        for record, result in succeeded:
+            self._report_success(record, result)
+
+    def _confirmed(self, record: FileRecord, result: UploadResult, now: float) -> ConfirmedUpload:
+        after_upload = self.config.deletion.after_upload
+        delete_after = (
+            now + after_upload.keep_days * SECONDS_PER_DAY if after_upload.enabled else None
+        )
+        return ConfirmedUpload(
+            record.id, result.sha256, now, delete_after, result.identity or record.identity
+        )
+
+    def _report_success(self, record: FileRecord, result: UploadResult) -> None:
+        self._queue_failures.pop(record.id, None)
         if result.skipped_existing:
             logger.info(
                 "Skipped %s: s3 object %s already has this content", record.path, record.object_key
@@ -273,7 +304,6 @@ class Dispatcher:
 
         self.stats.uploaded_files += 1
         self.stats.uploaded_bytes += result.size
-        count_upload(self.store, result.size)
         if self.on_upload is not None:
             self.on_upload(result.seconds, result.size)
         rate = result.size / MIB / result.seconds if result.seconds > 0 else 0.0

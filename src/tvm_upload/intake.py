@@ -18,15 +18,17 @@ from tvm_upload.clock import Clock
 from tvm_upload.config import Config, LogDirectory
 from tvm_upload.daemonstatus import daemon_status_path
 from tvm_upload.errors import StateStoreError
-from tvm_upload.files import FileIdentity
 from tvm_upload.keys import ObjectKeyError, build_key
-from tvm_upload.scan import scan
+from tvm_upload.scan import scan_batches
 from tvm_upload.stability import ReadyFile, StabilityTracker
-from tvm_upload.state import EnqueueResult, FileState, StateStore
+from tvm_upload.state import EnqueueResult, FileState, ReadyEntry, StateStore
+from tvm_upload.state.registry import file_version
 
 logger = logging.getLogger(__name__)
 
 SECONDS_PER_DAY = 86400.0
+MAX_QUEUED_PER_STEP = 256
+"""Maximum ready files queued per main-loop step. A larger backlog is queued over several steps."""
 
 
 class Intake:
@@ -53,19 +55,23 @@ class Intake:
         self.stability.stable_seconds = config.upload.file_stable_seconds
 
     def scan(self, min_mtime: float | None) -> int:
-        """Observe every log file under the roots that is not uploaded with its current identity.
+        """Observe every log file under the roots that is not known with its current identity.
 
-        Returns the number of files handed to the stability tracker.
+        A file is known when its path has a row in any state with the same
+        identity (``StateStore.is_known``). Each batch of one directory's files
+        is looked up with one query. Returns the number of files handed to the
+        stability tracker.
         """
         observed = 0
-        for found in scan(self.config.log_directories, min_mtime=min_mtime):
-            if not storable(found.path):
-                continue
-            identity = FileIdentity.from_stat(found.stat)
-            if self.store.is_known(found.path, identity):
-                continue
-            self.stability.observe(found.path, found.directory)
-            observed += 1
+        for batch in scan_batches(self.config.log_directories, min_mtime=min_mtime):
+            versions = [
+                file_version(path, st)
+                for path, st in batch.files
+                if path.isascii() or storable(Path(path))
+            ]
+            for path in self.store.unknown_paths(versions):
+                self.stability.observe(Path(path), batch.directory)
+                observed += 1
         return observed
 
     def rebuild_scan(self) -> int:
@@ -86,11 +92,14 @@ class Intake:
         return observed
 
     def step(self) -> list[Path]:
-        """Take pending events, then queue every file that became ready; return their paths.
+        """Take pending events, then queue files that became ready; return their paths.
 
-        When the state store cannot be written, the StateStoreError propagates. The
-        ready files not queued yet and the paths queued before the failure are kept
-        for the next call, so a full disk never makes a ready file wait for a scan.
+        At most ``MAX_QUEUED_PER_STEP`` files are queued per call, in one state
+        store commit, so uploads start while a large backlog is still being
+        queued. ``has_unqueued`` is True while more are ready. When the state store
+        cannot be written, the StateStoreError propagates. The ready files not
+        queued yet and the paths queued before the failure are kept for the next
+        call, so a full disk never makes a ready file wait for a scan.
         """
         while True:
             try:
@@ -99,42 +108,63 @@ class Intake:
                 break
             self.stability.observe(path, directory)
 
-        ready, self._unqueued = self._unqueued + self.stability.poll(), []
+        ready = self._unqueued + self.stability.poll()
+        batch, self._unqueued = ready[:MAX_QUEUED_PER_STEP], ready[MAX_QUEUED_PER_STEP:]
         queued, self._queued_unreported = self._queued_unreported, []
-        for index, found in enumerate(ready):
-            try:
-                if self._enqueue(found):
-                    queued.append(found.path)
-            except StateStoreError:
-                self._unqueued = ready[index:]
-                self._queued_unreported = queued
-                raise
+        try:
+            queued.extend(self._enqueue(batch))
+        except StateStoreError:
+            self._unqueued = batch + self._unqueued
+            self._queued_unreported = queued
+            raise
         return queued
 
-    def _enqueue(self, ready: ReadyFile) -> bool:
+    @property
+    def has_unqueued(self) -> bool:
+        """True when files are ready but wait for the next ``step`` to be queued."""
+        return bool(self._unqueued)
+
+    def unqueued_paths(self) -> list[Path]:
+        """Return the paths of files that are ready but not queued yet."""
+        return [ready.path for ready in self._unqueued]
+
+    def _enqueue(self, batch: list[ReadyFile]) -> list[Path]:
+        """Queue the files of ``batch`` that need an upload; return the paths queued."""
+        entries: list[tuple[ReadyFile, ReadyEntry]] = []
+        for ready in batch:
+            entry = self._entry(ready)
+            if entry is not None:
+                entries.append((ready, entry))
+
+        results = self.store.enqueue_many([entry for _, entry in entries], now=self.clock.time())
+        queued = []
+        for (ready, entry), result in zip(entries, results):
+            if result in (EnqueueResult.QUEUED, EnqueueResult.REQUEUED_CHANGED):
+                self._log_queued(entry, result)
+                queued.append(ready.path)
+        return queued
+
+    def _entry(self, ready: ReadyFile) -> ReadyEntry | None:
         if not storable(ready.path) or not below_root_without_symlinks(ready.path, ready.directory):
-            return False
+            return None
         try:
             key = self._object_key(ready)
         except ObjectKeyError as error:
             logger.error("Skipped %s: it has no valid object key: %s", ready.path, error)
-            return False
+            return None
+        return ReadyEntry(ready.path, ready.directory.source, ready.identity, key)
 
-        result = self.store.enqueue(
-            ready.path, ready.directory.source, ready.identity, key, now=self.clock.time()
+    @staticmethod
+    def _log_queued(entry: ReadyEntry, result: EnqueueResult) -> None:
+        logger.info(
+            "Queued %s (%d bytes) as %s%s",
+            entry.path,
+            entry.identity.size,
+            entry.object_key,
+            "; content changed since its upload"
+            if result is EnqueueResult.REQUEUED_CHANGED
+            else "",
         )
-        if result in (EnqueueResult.QUEUED, EnqueueResult.REQUEUED_CHANGED):
-            logger.info(
-                "Queued %s (%d bytes) as %s%s",
-                ready.path,
-                ready.identity.size,
-                key,
-                "; content changed since its upload"
-                if result is EnqueueResult.REQUEUED_CHANGED
-                else "",
-            )
-            return True
-        return False
 
     def _object_key(self, ready: ReadyFile) -> str:
         """Return the path's first object key, or a new one for a new file at a deleted path.

@@ -1,7 +1,7 @@
 """Metrics collection: counters kept in the state store, queue figures and disk usage.
 
-The upload and retention paths record events with ``count_upload``,
-``count_failed_attempt`` and ``count_deletion``. Each adds to a cumulative
+The upload and retention paths record events with ``count_upload`` (or
+``count_uploads`` for several), ``count_failed_attempt`` and ``count_deletion``. Each adds to a cumulative
 counter in the state store, so the totals survive restarts. A
 ``MetricsCollector`` reads those totals together with the queue and the disk
 usage into a ``MetricsSnapshot``. Publishers turn the snapshot into their own
@@ -55,6 +55,8 @@ class CounterStore(Protocol):
 
     def increment(self, name: str, by: int = 1) -> int: ...
 
+    def increment_many(self, amounts: dict[str, int]) -> None: ...
+
     def counters(self) -> dict[str, int]: ...
 
 
@@ -70,8 +72,13 @@ def count_upload(store: CounterStore, size_bytes: int) -> None:
     Call it only when bytes were sent: a file found already uploaded by a
     HEAD of its key is not counted.
     """
-    store.increment(FILES_UPLOADED)
-    store.increment(BYTES_UPLOADED, size_bytes)
+    count_uploads(store, [size_bytes])
+
+
+def count_uploads(store: CounterStore, sizes_bytes: list[int]) -> None:
+    """Count log files sent to S3 and confirmed, one size per file, in one store write."""
+    if sizes_bytes:
+        store.increment_many({FILES_UPLOADED: len(sizes_bytes), BYTES_UPLOADED: sum(sizes_bytes)})
 
 
 def count_failed_attempt(store: CounterStore) -> None:

@@ -39,11 +39,25 @@ class StoreJournal:
     the next sweep, and an unrecorded part is sent again or matched by its ETag.
     """
 
-    def __init__(self, store: StateStore, file_id: int, identity: FileIdentity) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        file_id: int,
+        identity: FileIdentity,
+        *,
+        may_have_upload: bool = True,
+    ) -> None:
+        """Create the journal of row ``file_id`` for the content with ``identity``.
+
+        ``may_have_upload`` False means the row had no multipart upload when it
+        was claimed. Only this journal records an upload on a claimed row, so
+        ``existing`` then returns None without reading the store.
+        """
         self.store = store
         self.file_id = file_id
         self.identity = identity
         self.upload_id: str | None = None
+        self._may_have_upload = may_have_upload
 
     def existing(self) -> tuple[str, int, Sequence[UploadedPart]] | None:
         """Return the recorded upload and its parts, or None.
@@ -51,6 +65,9 @@ class StoreJournal:
         An upload recorded while the row had another identity was started for
         older content and is not returned.
         """
+        if not self._may_have_upload:
+            return None
+
         try:
             record = self.store.get(self.file_id)
             if record is None or record.identity != self.identity:

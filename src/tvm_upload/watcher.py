@@ -29,6 +29,13 @@ from watchdog.events import (
     EVENT_TYPE_CREATED,
     EVENT_TYPE_MODIFIED,
     EVENT_TYPE_MOVED,
+    DirCreatedEvent,
+    DirMovedEvent,
+    EventsLostEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
@@ -49,6 +56,17 @@ WATCH_RETRY_SECONDS = 600.0
 _EVENT_TYPE_EVENTS_LOST = "events_lost"
 _FILE_EVENT_TYPES = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED})
 _WATCHDOG_INOTIFY_LOGGER = "watchdog.observers.inotify"
+_WATCHED_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    EventsLostEvent,
+]
+"""The events the handler uses. watchdog asks inotify for these only, so the daemon's own
+reads of the files it uploads (open, read, close without writing) cost no events."""
 
 # Errors of inotify_init / inotify_add_watch that mean a kernel limit is
 # reached, with the sysctl that raises it and a value to suggest.
@@ -296,7 +314,7 @@ class Watcher:
         watch_path = os.path.realpath(path) if os.path.islink(path) else os.fspath(path)
         handler = _RootHandler(self, root.directory, watch_path)
         root.watch = self._observer.schedule(
-            handler, watch_path, recursive=root.directory.recursive
+            handler, watch_path, recursive=root.directory.recursive, event_filter=_WATCHED_EVENTS
         )
         root.state = _RootState.WATCHED
         root.snapshot = {}

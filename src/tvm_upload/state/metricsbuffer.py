@@ -23,6 +23,18 @@ class MetricsBuffer(Database):
             row = conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
         return int(row["value"])
 
+    def increment_many(self, amounts: dict[str, int]) -> None:
+        """Add each amount to its counter (created at 0), all in one transaction."""
+        if not amounts:
+            return
+
+        with self.transaction(f"increment counters {', '.join(amounts)}") as conn:
+            conn.executemany(
+                "INSERT INTO counters (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                list(amounts.items()),
+            )
+
     def counters(self) -> dict[str, int]:
         """Return every counter by name."""
         with self.transaction("read counters", write=False) as conn:

@@ -14,9 +14,11 @@ from tvm_upload.state.journal import detach_upload
 from tvm_upload.state.records import (
     QUEUE_STATES,
     REGISTRY_STATES,
+    ConfirmedUpload,
     EnqueueResult,
     FileRecord,
     FileState,
+    ReadyEntry,
 )
 from tvm_upload.state.schema import FILE_COLUMNS, identity_params, record_from_row, state_marks
 
@@ -89,6 +91,26 @@ class QueueStore(Database):
         """
         with self.transaction(f"queue {path}", durable=True) as conn:
             return self.enqueue_in(conn, str(path), source, identity, object_key, self._now(now))
+
+    def enqueue_many(
+        self, entries: list[ReadyEntry], *, now: float | None = None
+    ) -> list[EnqueueResult]:
+        """Queue several ready files as ``enqueue`` does, in one transaction with one disk sync.
+
+        Returns one result per entry, in order. If the transaction fails, no
+        entry is queued.
+        """
+        if not entries:
+            return []
+
+        now = self._now(now)
+        with self.transaction(f"queue {len(entries)} files", durable=True) as conn:
+            return [
+                self.enqueue_in(
+                    conn, str(entry.path), entry.source, entry.identity, entry.object_key, now
+                )
+                for entry in entries
+            ]
 
     def enqueue_in(
         self,
@@ -308,26 +330,47 @@ class QueueStore(Database):
         the method returns ``FileState.PENDING``. It returns None, with a
         warning, when the row is gone. Committed with ``synchronous=FULL``.
         """
-        action = f"record the upload of file id {file_id}"
+        confirmed = ConfirmedUpload(file_id, sha256, uploaded_at, delete_after, identity)
+        return self.mark_uploaded_many([confirmed])[0]
+
+    def mark_uploaded_many(self, uploads: list[ConfirmedUpload]) -> list[FileState | None]:
+        """Record several confirmed uploads as ``mark_uploaded`` does, with one disk sync.
+
+        Returns one state per upload, in order. If the transaction fails, none
+        is recorded and every row stays as it was.
+        """
+        if not uploads:
+            return []
+
+        action = f"record the upload of file id {uploads[0].file_id}"
+        if len(uploads) > 1:
+            action = f"record the uploads of {len(uploads)} files"
         with self.transaction(action, durable=True) as conn:
-            record = select_file(conn, "id = ?", (file_id,))
-            if record is None:
-                logger.warning("Upload of file id %d finished after its row was removed", file_id)
-                return None
+            return [self._mark_uploaded_in(conn, upload) for upload in uploads]
 
-            detach_upload(conn, file_id)
-            if record.identity != identity:
-                self._back_to_pending(conn, file_id)
-                logger.info("Queued %s again because it changed during its upload", record.path)
-                return FileState.PENDING
-
-            conn.execute(
-                "UPDATE files SET state = ?, sha256 = ?, uploaded_at = ?, delete_after = ?,"
-                " next_attempt_at = NULL, last_error = NULL, updated_at = ? WHERE id = ?",
-                (FileState.UPLOADED.value, sha256, uploaded_at, delete_after)
-                + (self._clock(), file_id),
+    def _mark_uploaded_in(
+        self, conn: sqlite3.Connection, upload: ConfirmedUpload
+    ) -> FileState | None:
+        record = select_file(conn, "id = ?", (upload.file_id,))
+        if record is None:
+            logger.warning(
+                "Upload of file id %d finished after its row was removed", upload.file_id
             )
-            return FileState.UPLOADED
+            return None
+
+        detach_upload(conn, upload.file_id)
+        if record.identity != upload.identity:
+            self._back_to_pending(conn, upload.file_id)
+            logger.info("Queued %s again because it changed during its upload", record.path)
+            return FileState.PENDING
+
+        conn.execute(
+            "UPDATE files SET state = ?, sha256 = ?, uploaded_at = ?, delete_after = ?,"
+            " next_attempt_at = NULL, last_error = NULL, updated_at = ? WHERE id = ?",
+            (FileState.UPLOADED.value, upload.sha256, upload.uploaded_at, upload.delete_after)
+            + (self._clock(), upload.file_id),
+        )
+        return FileState.UPLOADED
 
     def _back_to_pending(self, conn: sqlite3.Connection, file_id: int) -> None:
         conn.execute(

@@ -35,6 +35,31 @@ class EnqueueResult(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class ConfirmedUpload:
+    """An upload that S3 confirmed, as ``StateStore.mark_uploaded_many`` records it.
+
+    ``identity`` is the identity of the content sent. With ``delete_after`` None the
+    after-upload rule never deletes the file.
+    """
+
+    file_id: int
+    sha256: str
+    uploaded_at: float
+    delete_after: float | None
+    identity: FileIdentity
+
+
+@dataclass(frozen=True)
+class ReadyEntry:
+    """A ready log file for ``StateStore.enqueue_many``, with the object key built for it."""
+
+    path: Path
+    source: str
+    identity: FileIdentity
+    object_key: str
+
+
+@dataclass(frozen=True)
 class FileRecord:
     """One row of the ``files`` table. Times are wall-clock seconds since the epoch.
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from tvm_upload.files import FileIdentity
@@ -18,10 +19,23 @@ from tvm_upload.state.records import (
     FileState,
     StatusSummary,
 )
-from tvm_upload.state.schema import FILE_COLUMNS, record_from_row, state_marks
+from tvm_upload.state.schema import FILE_COLUMNS, record_from_row, state_marks, to_sqlite_int
 
 PAGE_ROWS = 500
 FAILED_FILES_SHOWN = 100
+_STATE_AFTER_ID = "state = ? AND id > ? ORDER BY id LIMIT ?"
+"""One page of rows in a state, by id, read from the index ``files_by_state_id``."""
+LOOKUP_FILES = 128
+"""Files per query of ``unknown_paths``. Each takes 5 parameters, and SQLite before 3.32
+allows at most 999 per statement."""
+
+FileVersion = tuple[str, int, int, int, int]
+"""Path text, device, inode, size and mtime in ns of one version of a file."""
+
+
+def file_version(path: str, st: os.stat_result) -> FileVersion:
+    """Return the version of the file at ``path`` that its ``lstat`` result ``st`` describes."""
+    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class RegistryStore(QueueStore):
@@ -30,6 +44,30 @@ class RegistryStore(QueueStore):
     def is_registered(self, path: PathLike, identity: FileIdentity) -> bool:
         """Return True if this version of the file was uploaded (state uploaded or deleted)."""
         return self._has_identity(path, identity, REGISTRY_STATES)
+
+    def unknown_paths(self, versions: Sequence[FileVersion]) -> list[str]:
+        """Return the paths of ``versions`` that have no row, in any state, with that identity.
+
+        These are the files for which ``is_known`` returns False, in input
+        order. It takes one read transaction and one query per ``LOOKUP_FILES``
+        versions. SQLite compares the identities and returns only the unknown
+        paths, so memory grows with ``versions``, not with the table.
+        """
+        unknown: list[str] = []
+        for begin in range(0, len(versions), LOOKUP_FILES):
+            unknown += self._unknown_paths(versions[begin : begin + LOOKUP_FILES])
+        return unknown
+
+    def _unknown_paths(self, versions: Sequence[FileVersion]) -> list[str]:
+        rows = _padded_row_count(len(versions))
+        values: list[str | int | None] = []
+        for path, device, inode, size, mtime_ns in versions:
+            values += (path, to_sqlite_int(device), to_sqlite_int(inode), size, mtime_ns)
+        values += [None] * (5 * (rows - len(versions)))
+
+        with self.transaction(f"look up {len(versions)} scanned files", write=False) as conn:
+            cursor = conn.execute(_select_unknown_sql(rows), values)
+            return [row[0] for row in cursor]
 
     def files_in_state(self, state: FileState) -> Iterator[FileRecord]:
         """Yield every row in ``state`` by id, reading ``PAGE_ROWS`` rows per transaction.
@@ -42,8 +80,7 @@ class RegistryStore(QueueStore):
         while True:
             with self.transaction(f"list {state.value} files", write=False) as conn:
                 rows = conn.execute(
-                    f"SELECT {FILE_COLUMNS} FROM files WHERE state = ? AND id > ?"
-                    " ORDER BY id LIMIT ?",
+                    f"SELECT {FILE_COLUMNS} FROM files WHERE {_STATE_AFTER_ID}",
                     (state.value, last_id, PAGE_ROWS),
                 ).fetchall()
             if not rows:
@@ -87,11 +124,7 @@ class RegistryStore(QueueStore):
         found gone. Then ``deleted`` rows last updated before ``older_than``
         are removed.
         """
-        with self.transaction("list uploaded files", write=False) as conn:
-            rows = conn.execute(
-                "SELECT id, path FROM files WHERE state = ?", (FileState.UPLOADED.value,)
-            ).fetchall()
-        vanished = [(row["id"],) for row in rows if not exists(row["path"])]
+        vanished = [(file_id,) for file_id, path in self._uploaded_paths() if not exists(path)]
 
         with self.transaction("prune the registry") as conn:
             now = self._clock()
@@ -108,6 +141,31 @@ class RegistryStore(QueueStore):
                 (FileState.DELETED.value, older_than),
             )
             return cursor.rowcount
+
+    def _uploaded_paths(self) -> Iterator[tuple[int, str]]:
+        """Yield the id and path of every ``uploaded`` row, ``PAGE_ROWS`` rows per transaction.
+
+        Memory stays bounded with a registry of millions of rows.
+        """
+        last_id = 0
+        while True:
+            with self.transaction("list uploaded files", write=False) as conn:
+                rows = conn.execute(
+                    f"SELECT id, path FROM files WHERE {_STATE_AFTER_ID}",
+                    (FileState.UPLOADED.value, last_id, PAGE_ROWS),
+                ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield row["id"], row["path"]
+            last_id = rows[-1]["id"]
+
+    def queue_length(self) -> int:
+        """Return the number of rows in the queue: pending, uploading or failed."""
+        marks, values = state_marks(QUEUE_STATES)
+        with self.transaction("count queued files", write=False) as conn:
+            row = conn.execute(f"SELECT COUNT(*) FROM files WHERE state IN ({marks})", values)
+            return int(row.fetchone()[0])
 
     def summary(self, now: float, *, failed_limit: int = FAILED_FILES_SHOWN) -> StatusSummary:
         """Return counts and bytes per state, failed rows and the queue's age, as of ``now``.
@@ -141,6 +199,24 @@ class RegistryStore(QueueStore):
             failed_files=failed_files,
             sources=sources,
         )
+
+
+def _padded_row_count(versions: int) -> int:
+    """Round up to a power of two, so that a few statements serve every batch size."""
+    return max(8, 1 << (versions - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=16)
+def _select_unknown_sql(rows: int) -> str:
+    """Return the query of ``_unknown_paths`` for ``rows`` versions. Rows of NULLs pad a batch."""
+    marks = ", ".join(["(?, ?, ?, ?, ?)"] * rows)
+    return (
+        f"WITH scanned (path, device, inode, size, mtime_ns) AS (VALUES {marks})"
+        " SELECT scanned.path FROM scanned WHERE scanned.path IS NOT NULL AND NOT EXISTS"
+        " (SELECT 1 FROM files WHERE files.path = scanned.path AND files.device = scanned.device"
+        " AND files.inode = scanned.inode AND files.size = scanned.size"
+        " AND files.mtime_ns = scanned.mtime_ns)"
+    )
 
 
 def _state_totals(conn: sqlite3.Connection) -> dict[str, tuple[int, int]]:

