@@ -151,6 +151,7 @@ def _header(results: BenchResults) -> str:
             "S3 server: SeaweedFS (`weed server`) on 127.0.0.1 on the same machine, a fresh bucket"
             " per run."
         ),
+        f"Tool logs: `{results.logs_dir}`. Load average (1 min) at the start: {results.load_at_start}.",
         "",
         "## Machine",
         "",
@@ -191,7 +192,8 @@ def _transfers_section(results: BenchResults) -> str:
             " this tool's value divided by the reference, so above 1 is worse for time, CPU and"
             " memory and better for MB/s and files/s. MB = 10^6 bytes. CPU is user plus system time"
             " of the tool's process tree (`wait4`); server CPU is the SeaweedFS process during the"
-            " run. tvm-upload is timed from process start until the bucket lists every object."
+            " run. tvm-upload is timed from process start until its state store marks every file"
+            " uploaded (read every 0.1 s); the bucket is listed afterwards to check the delivery."
         ),
     ]
     if results.daemon_skipped:

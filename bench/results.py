@@ -143,6 +143,8 @@ class BenchResults:
     state_timings: dict[str, Any] | None = None
     state_note: str = ""
     elapsed_seconds: float = 0.0
+    logs_dir: str = ""
+    load_at_start: str = ""
 
     def records_for(self, tool: str, dataset: str | None = None) -> list[RunRecord]:
         return [

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -182,6 +183,7 @@ class Bench:
             versions=versions,
             tool_settings=settings,
             datasets=datasets,
+            load_at_start=f"{os.getloadavg()[0]:.2f}",
         )
 
     def start_server(self) -> None:
@@ -398,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.run_state_store()
 
     bench.results.elapsed_seconds = time.monotonic() - started
-    report_path = options.work_dir / f"results-{time.strftime('%Y%m%d-%H%M%S')}.md"
+    bench.results.logs_dir = str(bench.run_dir)
+    report_path = options.work_dir / f"results-{bench.run_dir.name}.md"
     text = write_report(bench.results, report_path)
     print(text)
     logger.info("Report written to %s", report_path)

@@ -141,13 +141,20 @@ class Database:
             )
 
     def _migrate(self, version: int) -> None:
+        created = version == 0
         while version < SCHEMA_VERSION:
             with self.transaction(f"upgrade the schema to version {version + 1}") as conn:
                 MIGRATIONS[version](conn)
                 # PRAGMA takes no parameters; the value is an integer of ours.
                 conn.execute(f"PRAGMA user_version = {int(version + 1)}")
-            logger.info("Upgraded the state store %s to schema version %d", self.path, version + 1)
+            if not created:
+                logger.info(
+                    "Upgraded the state store %s to schema version %d", self.path, version + 1
+                )
             version += 1
+
+        if created:
+            logger.info("Created the state store %s (schema version %d)", self.path, version)
 
     def close(self) -> None:
         """Close the connection; later calls raise ``StateStoreError``. Safe to call twice."""
