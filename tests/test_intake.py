@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from tvm_upload.clock import SYSTEM_CLOCK
-from tvm_upload.config import parse_config
+from tvm_upload.config import Config, parse_config
 from tvm_upload.intake import MAX_QUEUED_PER_STEP, Intake
+from tvm_upload.reload import rescope_files
 from tvm_upload.state import FileState, StateStore
 
 HOUR = 3600
@@ -34,6 +35,58 @@ def old_files(root: Path, count: int) -> list[Path]:
         os.utime(path, (an_hour_ago, an_hour_ago))
         paths.append(path)
     return paths
+
+
+def intake_config(tmp_path: Path, directories: list[dict[str, object]]) -> Config:
+    data = {
+        "vehicle_id": "vehicle-1",
+        "log_directories": directories,
+        "s3": {"bucket": "bucket", "region": "us-east-1"},
+        "state_file": str(tmp_path / "state.db"),
+    }
+    return parse_config(data, environ={"HOME": str(tmp_path)})
+
+
+def test_reload_drops_ready_files_of_removed_directory(tmp_path: Path, store: StateStore) -> None:
+    """Given more ready files than one step queues, when a reload removes their directory,
+    then the files not queued yet are not queued after it either."""
+    logs, other = tmp_path / "logs", tmp_path / "other"
+    other.mkdir()
+    old_files(logs, MAX_QUEUED_PER_STEP + 100)
+    after = intake_config(tmp_path, [{"path": str(other), "source": "other"}])
+    intake = Intake(
+        intake_config(tmp_path, [{"path": str(logs), "source": "logs"}]), store, SYSTEM_CLOCK
+    )
+    intake.scan(None)
+    intake.step()
+
+    intake.apply_config(after)
+    dropped = rescope_files(after, intake, store)
+
+    assert len(dropped) == MAX_QUEUED_PER_STEP
+    assert intake.step() == []
+    assert not intake.has_unqueued
+
+
+def test_reload_gives_ready_files_new_source(tmp_path: Path, store: StateStore) -> None:
+    """Given more ready files than one step queues, when a reload renames their source,
+    then the files queued after it get object keys with the new source."""
+    logs = tmp_path / "logs"
+    old_files(logs, MAX_QUEUED_PER_STEP + 10)
+    after = intake_config(tmp_path, [{"path": str(logs), "source": "renamed"}])
+    intake = Intake(
+        intake_config(tmp_path, [{"path": str(logs), "source": "old"}]), store, SYSTEM_CLOCK
+    )
+    intake.scan(None)
+    intake.step()
+
+    intake.apply_config(after)
+    rescope_files(after, intake, store)
+    queued = intake.step()
+
+    assert len(queued) == 10
+    keys = [store.object_key_for(path) or "" for path in queued]
+    assert all("/renamed/" in key for key in keys), keys
 
 
 def test_backlog_is_queued_in_bounded_steps(tmp_path: Path, store: StateStore) -> None:

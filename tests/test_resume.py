@@ -93,15 +93,15 @@ def make_config(tmp_path: Path, vehicle: str, bucket: str, endpoint_url: str) ->
     return parse_config(data, environ={"HOME": str(tmp_path)})
 
 
-def proxy_uploader(endpoint_url: str, bucket: str) -> Uploader:
+def proxy_uploader(endpoint_url: str, bucket: str, **overrides: Any) -> Uploader:
     """An uploader with short timeouts, so an outage of a few seconds fails several attempts."""
-    return make_uploader(
-        endpoint_url,
-        bucket,
-        connect_timeout_seconds=1.0,
-        read_timeout_seconds=2.0,
-        max_request_attempts=1,
-    )
+    settings = {
+        "connect_timeout_seconds": 1.0,
+        "read_timeout_seconds": 2.0,
+        "max_request_attempts": 1,
+        **overrides,
+    }
+    return make_uploader(endpoint_url, bucket, **settings)
 
 
 class Harness:
@@ -451,6 +451,53 @@ def test_changed_file_restarts_upload(
 
     assert old_upload is not None
     assert confirmed_parts(proxy) == {1: 2, 2: 1, 3: 2}
+    assert created_uploads(proxy) == 2
+    assert object_sha256(s3, bucket, key) == file_sha256(path)
+    assert open_uploads(s3, bucket, f"{vehicle}/") == []
+
+
+def test_changed_checksum_setting_restarts_upload(
+    tmp_path: Path,
+    bucket: str,
+    vehicle: str,
+    store: StateStore,
+    proxy: FaultProxy,
+    s3: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An upload interrupted under one checksum algorithm restarts under another, and says why.
+
+    Given an upload sent with SHA-256 part checksums that stopped at part 2,
+    when the uploader now uses CRC32C (the setting changed, or a new release
+    changed its default),
+    then the upload starts anew, because S3 takes the parts of one upload with
+    one algorithm only, and the log gives that reason instead of a changed file.
+    """
+    caplog.set_level(logging.INFO)
+    path = write_log(tmp_path / "bags", "drive.mcap", 12 * MiB)
+    file_id, key = queue_file(store, path, vehicle)
+    proxy.stall(60, match=part_put(path, 2))
+    config = make_config(tmp_path, vehicle, bucket, proxy.endpoint_url)
+    first = Harness(
+        config, store, proxy_uploader(proxy.endpoint_url, bucket, checksum_algorithm="SHA256")
+    )
+    try:
+        first.dispatcher.request_drain()
+        first.run_until(lambda: any(r.fault == "stall" for r in proxy.records), 30, "part 2 held")
+    finally:
+        first.close()
+    assert store.get(file_id).upload_id is not None  # type: ignore[union-attr]
+
+    second = Harness(
+        config, store, proxy_uploader(proxy.endpoint_url, bucket, checksum_algorithm="CRC32C")
+    )
+    try:
+        second.upload_all()
+    finally:
+        second.close()
+
+    assert log_messages(caplog, "started with another checksum algorithm")
+    assert not log_messages(caplog, "differs from the file")
     assert created_uploads(proxy) == 2
     assert object_sha256(s3, bucket, key) == file_sha256(path)
     assert open_uploads(s3, bucket, f"{vehicle}/") == []

@@ -125,8 +125,8 @@ def test_migration_adds_later_version(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_version_1_store_gains_state_page_index(tmp_path: Path) -> None:
-    """Given a store of schema version 1 with a row, opening it adds the index that reads a
-    state page by page, and the row is still there."""
+    """Given a store of schema version 1, opening it adds the index that reads a state page
+    by page, and the schema version stays 1, so the older release still opens the store."""
     conn = sqlite3.connect(tmp_path / "state.db")
     schema.MIGRATIONS[0](conn)
     conn.execute("PRAGMA user_version = 1")
@@ -144,6 +144,9 @@ def test_version_1_store_gains_state_page_index(tmp_path: Path) -> None:
 
     assert "files_by_state_id" in details
     assert "TEMP B-TREE" not in details
+    conn = sqlite3.connect(tmp_path / "state.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    conn.close()
 
 
 def test_closed_store_raises(store: StateStore) -> None:

@@ -26,7 +26,7 @@ from upload_support import (
 
 from tvm_upload.checksums import ChecksumKind, encode
 from tvm_upload.files import FileIdentity
-from tvm_upload.listing import CHECKS_BEFORE_LISTING
+from tvm_upload.listing import CHECKS_BEFORE_LISTING, PrefixListings
 from tvm_upload.localserver import SeaweedServer
 from tvm_upload.logfile import LogFile, PartReader, read_digests
 from tvm_upload.multipart import UploadedPart
@@ -210,6 +210,25 @@ def test_listing_forgets_keys_being_written(
 
     assert again.skipped_existing is True
     assert log.counts == {"HeadObject": 1}
+
+
+def test_listing_after_own_write_began_keeps_key_unknown(
+    prefix: str, seaweed: SeaweedServer, bucket: str, s3: Any
+) -> None:
+    """Given a key that this process began to write before its prefix was first listed,
+    when the listing misses the write that was still in flight, then the key still needs
+    a HEAD afterwards instead of counting as absent."""
+    listings = PrefixListings(lambda: s3, bucket)
+    key = f"{prefix}p/a.log"
+    assert listings.may_exist(key, 5) is True
+    listings.forget(key)
+    for name in ("b", "c", "d"):
+        listings.may_exist(f"{prefix}p/{name}.log", 5)
+
+    s3.put_object(Bucket=bucket, Key=key, Body=b"12345")
+
+    assert listings.may_exist(key, 5) is True
+    assert listings.may_exist(f"{prefix}p/b.log", 5) is False
 
 
 def test_failed_listing_falls_back_to_head(

@@ -128,6 +128,16 @@ class Intake:
         """Return the paths of files that are ready but not queued yet."""
         return [ready.path for ready in self._unqueued]
 
+    def release_unqueued(self) -> None:
+        """Hand the files that are ready but not queued yet back to the stability tracker.
+
+        A reload calls it before it fits the tracked files to the new log
+        directories, so these files get their new directory or are dropped too.
+        """
+        for ready in self._unqueued:
+            self.stability.observe(ready.path, ready.directory)
+        self._unqueued = []
+
     def _enqueue(self, batch: list[ReadyFile]) -> list[Path]:
         """Queue the files of ``batch`` that need an upload; return the paths queued."""
         entries: list[tuple[ReadyFile, ReadyEntry]] = []

@@ -10,8 +10,9 @@ file's size still gets its HEAD, because only the metadata tells the content.
 
 A listing can only cause an upload that a HEAD would have skipped, never a skip:
 an object written after the listing by someone else is at worst uploaded again.
-Keys that this process is sending are dropped from the listing first
-(``forget``), because a failed request may still have written the object.
+Keys that this process is sending are marked unknown first (``forget``), because a
+failed request may still have written the object. The mark also holds for listings
+taken later, which may not show a write that was still in flight.
 
 Measured on SeaweedFS on 127.0.0.1 (``bench/``), botocore parses a listing in about
 60 µs per key, against about 1 ms of client CPU for a HEAD.
@@ -40,6 +41,12 @@ MAX_LISTING_PAGES = 4
 """Pages of 1,000 keys read per listing; keys after the last one read still get a HEAD."""
 MAX_PREFIXES = 8
 LISTING_FAILURE_PAUSE_SECONDS = 300.0
+FORGOTTEN_KEEP_SECONDS = 86400.0
+"""How long a name written by this process stays unknown to listings taken after it.
+
+A listing taken while the write was still in flight does not show the object, so the
+name must outlive the write, including a slow multipart upload over a mobile link.
+The value is a generous bound, not a measured one."""
 
 
 @dataclass
@@ -47,18 +54,14 @@ class _Listing:
     """Sizes of the objects under one prefix, by the rest of the key after the prefix.
 
     ``last_name`` is the last name listed when the listing stopped at
-    ``MAX_LISTING_PAGES``; names after it are not covered. ``forgotten`` contains
-    names that this process has written since, whose state is unknown.
+    ``MAX_LISTING_PAGES``; names after it are not covered.
     """
 
     listed_at: float
     sizes: dict[str, int] = field(default_factory=dict)
     last_name: str | None = None
-    forgotten: set[str] = field(default_factory=set)
 
     def may_hold(self, name: str, size: int) -> bool:
-        if name in self.forgotten:
-            return True
         if self.last_name is not None and name > self.last_name:
             return True
         return self.sizes.get(name) == size
@@ -66,11 +69,29 @@ class _Listing:
 
 @dataclass
 class _Prefix:
-    """Listing state of one prefix; ``lock`` serialises its listing."""
+    """Listing state of one prefix; ``lock`` serialises its listing.
+
+    ``forgotten`` maps the names that this process began to write to the time it
+    began. Their state is unknown to every listing, also to one taken later,
+    because the write may still be in flight when the listing is taken.
+    """
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     check_times: list[float] = field(default_factory=list)
     listing: _Listing | None = None
+    forgotten: dict[str, float] = field(default_factory=dict)
+
+    def may_hold(self, name: str, size: int) -> bool:
+        if name in self.forgotten or self.listing is None:
+            return True
+        return self.listing.may_hold(name, size)
+
+    def drop_old_forgotten(self, now: float) -> None:
+        self.forgotten = {
+            name: began
+            for name, began in self.forgotten.items()
+            if now - began <= FORGOTTEN_KEEP_SECONDS
+        }
 
 
 class PrefixListings:
@@ -106,19 +127,16 @@ class PrefixListings:
             now = self._clock()
             listing = entry.listing
             if listing is None or now - listing.listed_at > LISTING_MAX_AGE_SECONDS:
-                listing = entry.listing = self._list_if_busy(prefix, entry, now)
-            return listing is None or listing.may_hold(name, size)
+                entry.listing = self._list_if_busy(prefix, entry, now)
+                entry.drop_old_forgotten(now)
+            return entry.may_hold(name, size)
 
     def forget(self, key: str) -> None:
-        """Mark ``key`` as unknown in its prefix's listing, before this process writes it."""
+        """Mark ``key`` as unknown to its prefix's listings, before this process writes it."""
         prefix, name = _split(key)
-        with self._lock:
-            entry = self._prefixes.get(prefix)
-        if entry is None:
-            return
+        entry = self._entry(prefix)
         with entry.lock:
-            if entry.listing is not None:
-                entry.listing.forgotten.add(name)
+            entry.forgotten[name] = self._clock()
 
     def _entry(self, prefix: str) -> _Prefix:
         with self._lock:

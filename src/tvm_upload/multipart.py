@@ -386,8 +386,20 @@ class MultipartTransfer:
     def _verified_parts(self, digests: ContentDigests) -> dict[int, UploadedPart]:
         """Return the parts on the store that hold the file's bytes.
 
-        Restarts the upload when a part is proven to differ from the file.
+        Restarts the upload when a part is proven to differ from the file, or
+        when the journal shows that the upload used another checksum algorithm
+        (the setting changed since), because S3 takes every part of one upload
+        with the algorithm it was created with.
         """
+        if self._other_checksum_algorithm(digests):
+            logger.info(
+                "Restarting upload of %s: upload %s was started with another checksum algorithm",
+                self.target.key,
+                self.upload_id,
+            )
+            self.discard()
+            return {}
+
         kept = {}
         for number, (_, length) in enumerate(self._spans(), start=1):
             server = self._server_parts.get(number)
@@ -417,6 +429,16 @@ class MultipartTransfer:
                 len(self._server_parts),
             )
         return kept
+
+    def _other_checksum_algorithm(self, digests: ContentDigests) -> bool:
+        """Tell whether a recorded part checksum has another length than this upload's."""
+        if not digests.part_digests:
+            return False
+
+        length = len(encode(digests.part_digests[0]))
+        return any(
+            part.checksum and len(part.checksum) != length for part in self._journal_parts.values()
+        )
 
     def _same_bytes(
         self,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tvm_upload.errors import StateStoreError
-from tvm_upload.state.schema import MIGRATIONS, SCHEMA_VERSION
+from tvm_upload.state.schema import ADDED_INDEXES, MIGRATIONS, SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class Database:
 
         if not self.read_only:
             self._migrate(version)
+            self._add_indexes()
 
     def _pragma(self, statement: str) -> Any:
         row = self._connection().execute(f"PRAGMA {statement}").fetchone()
@@ -155,6 +156,17 @@ class Database:
 
         if created:
             logger.info("Created the state store %s (schema version %d)", self.path, version)
+
+    def _add_indexes(self) -> None:
+        with self.transaction("list indexes", write=False) as conn:
+            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+        missing = set(ADDED_INDEXES) - {row["name"] for row in rows}
+        if not missing:
+            return
+
+        with self.transaction("add indexes") as conn:
+            for name in sorted(missing):
+                conn.execute(ADDED_INDEXES[name])
 
     def close(self) -> None:
         """Close the connection; later calls raise ``StateStoreError``. Safe to call twice."""
