@@ -140,10 +140,11 @@ def rescope_files(config: Config, intake: Intake, store: StateStore) -> list[Pat
     """Fit files not yet uploaded to the log directories of ``config``; return those dropped.
 
     Watcher events still waiting, files waiting to become ready and ready files
-    not queued yet carry the directory they were found in. They get their directory in ``config``, so
-    a renamed source reaches the object key, or are forgotten when no
-    directory accepts them any more. Pending and failed queue rows of such
-    files leave the queue. Uploads already running are left to finish.
+    not queued yet carry the directory they were found in. They get their
+    directory in ``config``, so a renamed source reaches the object key, or
+    are forgotten when no directory accepts them any more. Pending and failed
+    queue rows of such files leave the queue. Uploads already running are
+    left to finish.
     """
     _rescope_events(config, intake)
     intake.release_unqueued()
