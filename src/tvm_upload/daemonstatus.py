@@ -41,3 +41,22 @@ def read_daemon_status(state_file: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def process_exists(pid: object) -> bool:
+    """Tell whether a process with this PID exists; False for anything but a positive int.
+
+    ``kill`` with a PID of 0 or below signals a process group, not one process.
+    A process of another user exists although it may not be signalled.
+    """
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True

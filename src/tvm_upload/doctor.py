@@ -33,7 +33,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from tvm_upload.cloudwatch import build_cloudwatch_client
 from tvm_upload.config import Config, load_config
-from tvm_upload.daemonstatus import read_daemon_status
+from tvm_upload.daemonstatus import process_exists, read_daemon_status
 from tvm_upload.errors import ConfigError, ExitCode
 from tvm_upload.metrics import watched_disks
 from tvm_upload.s3client import (
@@ -490,22 +490,7 @@ def _fresh_daemon_pid(state_file: Path, now: float) -> int | None:
         return None
     if abs(now - updated_at) >= DAEMON_STATUS_FRESH_SECONDS:
         return None
-    return pid if _process_exists(pid) else None
-
-
-def _process_exists(pid: int) -> bool:
-    # kill() with a PID of 0 or below signals a process group, not one process.
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
+    return pid if process_exists(pid) else None
 
 
 def _run_command(args: Sequence[str]) -> tuple[int, str]:

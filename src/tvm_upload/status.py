@@ -9,7 +9,6 @@ status file that the running daemon rewrites (``tvm_upload.daemonstatus``).
 from __future__ import annotations
 
 import io
-import os
 import time
 from datetime import datetime
 from typing import Any
@@ -18,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tvm_upload.config import Config
-from tvm_upload.daemonstatus import read_daemon_status
+from tvm_upload.daemonstatus import process_exists, read_daemon_status
 from tvm_upload.state import StateStore, StatusSummary
 
 STATES = ("pending", "uploading", "failed", "uploaded")
@@ -58,20 +57,8 @@ def _daemon_fields(daemon: dict[str, Any] | None, now: float) -> dict[str, Any] 
         return None
     updated_at = daemon.get("updated_at")
     fresh = isinstance(updated_at, (int, float)) and now - updated_at <= STALE_AFTER_SECONDS
-    running = fresh and not daemon.get("stopped") and _process_exists(daemon.get("pid"))
+    running = fresh and not daemon.get("stopped") and process_exists(daemon.get("pid"))
     return {**daemon, "running": running}
-
-
-def _process_exists(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _summary_fields(summary: StatusSummary) -> dict[str, Any]:
