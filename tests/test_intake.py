@@ -91,7 +91,7 @@ def test_reload_gives_ready_files_new_source(tmp_path: Path, store: StateStore) 
 
 def test_backlog_is_queued_in_bounded_steps(tmp_path: Path, store: StateStore) -> None:
     """Given more ready files than one step queues, each step queues at most
-    ``MAX_QUEUED_PER_STEP`` of them and says more are waiting, until every file is queued
+    ``MAX_QUEUED_PER_STEP`` of them and ``has_unqueued`` is True while more are ready, until every file is queued
     exactly once."""
     count = 2 * MAX_QUEUED_PER_STEP + 7
     paths = old_files(tmp_path / "logs", count)

@@ -251,8 +251,8 @@ def test_journal_round_trip(store: StateStore, tmp_path: Path) -> None:
 def test_journal_of_row_claimed_without_upload_reads_nothing(
     store: StateStore, tmp_path: Path
 ) -> None:
-    """Given a row that had no multipart upload when it was claimed, its journal answers
-    that none exists without a state store query; it still records a new upload."""
+    """Given a row that had no multipart upload when it was claimed, its journal returns
+    no upload without a state store query, and it still records a new upload."""
     path = write_log(tmp_path, "a.mcap", 100)
     file_id, _ = queue_file(store, path, "vehicle")
     journal = StoreJournal(store, file_id, FileIdentity.of(path), may_have_upload=False)
@@ -415,6 +415,27 @@ def list_keys(s3: Any, bucket: str, vehicle: str) -> list[str]:
     return [item["Key"] for item in response.get("Contents", [])]
 
 
+def interrupt_at_part_2(
+    config: Config, store: StateStore, proxy: FaultProxy, uploader: Uploader
+) -> None:
+    """Run a drain until the proxy holds the request of part 2, then close the dispatcher."""
+    first = Harness(config, store, uploader)
+    try:
+        first.dispatcher.request_drain()
+        first.run_until(lambda: any(r.fault == "stall" for r in proxy.records), 30, "part 2 held")
+    finally:
+        first.close()
+
+
+def upload_all_with(config: Config, store: StateStore, uploader: Uploader) -> None:
+    """Drain the queue with a new dispatcher and ``uploader``, as a restarted daemon does."""
+    second = Harness(config, store, uploader)
+    try:
+        second.upload_all()
+    finally:
+        second.close()
+
+
 def test_changed_file_restarts_upload(
     tmp_path: Path,
     bucket: str,
@@ -433,21 +454,12 @@ def test_changed_file_restarts_upload(
     file_id, key = queue_file(store, path, vehicle)
     proxy.stall(60, match=part_put(path, 2))
     config = make_config(tmp_path, vehicle, bucket, proxy.endpoint_url)
-    first = Harness(config, store, proxy_uploader(proxy.endpoint_url, bucket))
-    try:
-        first.dispatcher.request_drain()
-        first.run_until(lambda: any(r.fault == "stall" for r in proxy.records), 30, "part 2 held")
-    finally:
-        first.close()
+    interrupt_at_part_2(config, store, proxy, proxy_uploader(proxy.endpoint_url, bucket))
     old_upload = store.get(file_id).upload_id  # type: ignore[union-attr]
 
     write_log(tmp_path / "bags", "drive.mcap", 12 * MiB, seed=1)
     store.enqueue(path, "bags", FileIdentity.of(path), key)
-    second = Harness(config, store, proxy_uploader(proxy.endpoint_url, bucket))
-    try:
-        second.upload_all()
-    finally:
-        second.close()
+    upload_all_with(config, store, proxy_uploader(proxy.endpoint_url, bucket))
 
     assert old_upload is not None
     assert confirmed_parts(proxy) == {1: 2, 2: 1, 3: 2}
@@ -465,7 +477,7 @@ def test_changed_checksum_setting_restarts_upload(
     s3: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """An upload interrupted under one checksum algorithm restarts under another, and says why.
+    """An upload interrupted under one checksum algorithm restarts under another and logs why.
 
     Given an upload sent with SHA-256 part checksums that stopped at part 2,
     when the uploader now uses CRC32C (the setting changed, or a new release
@@ -478,23 +490,12 @@ def test_changed_checksum_setting_restarts_upload(
     file_id, key = queue_file(store, path, vehicle)
     proxy.stall(60, match=part_put(path, 2))
     config = make_config(tmp_path, vehicle, bucket, proxy.endpoint_url)
-    first = Harness(
-        config, store, proxy_uploader(proxy.endpoint_url, bucket, checksum_algorithm="SHA256")
-    )
-    try:
-        first.dispatcher.request_drain()
-        first.run_until(lambda: any(r.fault == "stall" for r in proxy.records), 30, "part 2 held")
-    finally:
-        first.close()
+    sha256_uploader = proxy_uploader(proxy.endpoint_url, bucket, checksum_algorithm="SHA256")
+    interrupt_at_part_2(config, store, proxy, sha256_uploader)
     assert store.get(file_id).upload_id is not None  # type: ignore[union-attr]
 
-    second = Harness(
-        config, store, proxy_uploader(proxy.endpoint_url, bucket, checksum_algorithm="CRC32C")
-    )
-    try:
-        second.upload_all()
-    finally:
-        second.close()
+    crc32c_uploader = proxy_uploader(proxy.endpoint_url, bucket, checksum_algorithm="CRC32C")
+    upload_all_with(config, store, crc32c_uploader)
 
     assert log_messages(caplog, "started with another checksum algorithm")
     assert not log_messages(caplog, "differs from the file")

@@ -480,7 +480,7 @@ def test_mark_uploaded_many_records_each(store: StateStore, clock: FakeClock) ->
     """Given three claimed rows, one of them changed since its claim and one removed,
     one call marks the unchanged row uploaded, queues the changed one again and
     reports the removed one as None, with one disk sync."""
-    kept, changed, removed = queue(store, 1), queue(store, 2), queue(store, 3)
+    unchanged, changed, removed = queue(store, 1), queue(store, 2), queue(store, 3)
     store.claim(clock(), 3)
     store.enqueue("/logs/file-2.log", "ros", identity(20), "ignored")
     store.remove(removed)
@@ -489,7 +489,7 @@ def test_mark_uploaded_many_records_each(store: StateStore, clock: FakeClock) ->
 
     states = store.mark_uploaded_many(
         [
-            ConfirmedUpload(kept, "ab" * 32, clock(), None, identity(1)),
+            ConfirmedUpload(unchanged, "ab" * 32, clock(), None, identity(1)),
             ConfirmedUpload(changed, "cd" * 32, clock(), None, identity(2)),
             ConfirmedUpload(removed, "ef" * 32, clock(), None, identity(3)),
         ]
@@ -498,9 +498,12 @@ def test_mark_uploaded_many_records_each(store: StateStore, clock: FakeClock) ->
     assert states == [FileState.UPLOADED, FileState.PENDING, None]
     assert statements.count("COMMIT") == 1
     assert statements.count("PRAGMA synchronous = FULL") == 1
-    kept_record, changed_record = store.get(kept), store.get(changed)
-    assert kept_record is not None and kept_record.sha256 == "ab" * 32
-    assert changed_record is not None and changed_record.state is FileState.PENDING
+    unchanged_record = store.get(unchanged)
+    changed_record = store.get(changed)
+    assert unchanged_record is not None
+    assert unchanged_record.sha256 == "ab" * 32
+    assert changed_record is not None
+    assert changed_record.state is FileState.PENDING
     assert store.mark_uploaded_many([]) == []
 
 

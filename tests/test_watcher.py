@@ -132,8 +132,8 @@ def test_created_file_reported(start_watcher: StartWatcher, recorder: Recorder, 
 def test_reading_a_file_reports_nothing(
     start_watcher: StartWatcher, recorder: Recorder, root: Path
 ) -> None:
-    """Given a watched file, when it is opened, read and closed without writing (as the
-    uploader does), then no event is reported; only the later sentinel file is."""
+    """Given a watched file, when it is opened, read and closed without writing, as the
+    uploader does, then no event is reported for it. Only the later sentinel file is."""
     path = write(root / "a.log", b"line\n" * 1000)
     start_watcher([log_directory(root)])
 

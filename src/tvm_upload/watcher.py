@@ -65,7 +65,7 @@ _WATCHED_EVENTS: list[type[FileSystemEvent]] = [
     DirMovedEvent,
     EventsLostEvent,
 ]
-"""The events the handler uses. watchdog asks inotify for these only, so the daemon's own
+"""Events the handler uses. watchdog subscribes inotify to these only, so the daemon's own
 reads of the files it uploads (open, read, close without writing) cost no events."""
 
 # Errors of inotify_init / inotify_add_watch that mean a kernel limit is
